@@ -1,0 +1,19 @@
+"""Hooked vision transformers: HookedViT, its config, conversions and the model registry."""
+
+from prisma_lightning.backbones.config import HookedViTConfig
+from prisma_lightning.backbones.convert import convert_model, supported_sources
+from prisma_lightning.backbones.factored_matrix import FactoredMatrix
+from prisma_lightning.backbones.hooked_vit import HookedViT
+from prisma_lightning.backbones.registry import TEST_CONFIGS, list_models, load_hooked_model, register_model
+
+__all__ = [
+    "FactoredMatrix",
+    "HookedViT",
+    "HookedViTConfig",
+    "TEST_CONFIGS",
+    "convert_model",
+    "list_models",
+    "load_hooked_model",
+    "register_model",
+    "supported_sources",
+]

@@ -1,0 +1,177 @@
+"""Building blocks of a HookedViT: LayerNorm, patch embedding, attention, MLP and the transformer block.
+
+Weights are stored as in timm (fused ``qkv`` and ``nn.Linear`` layers) so the forward pass runs the same
+kernels as the source models; per-head views for circuit analysis are derived on the HookedViT.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prisma_lightning.backbones.config import HookedViTConfig
+from prisma_lightning.hooks import HookPoint
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with ``hook_scale [..., 1]`` (the divisor) and ``hook_normalized`` (the output, after w and b)."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+        self.hook_scale = HookPoint()  # [..., 1]
+        self.hook_normalized = HookPoint()  # [..., d]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hook_scale.has_hooks:
+            centred = x - x.mean(-1, keepdim=True)
+            scale = self.hook_scale((centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+            out = centred / scale * self.weight + self.bias
+        else:
+            out = F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        return self.hook_normalized(out)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's sigmoid approximation of GELU."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": quick_gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+class MLP(nn.Module):
+    """``fc1 -> hook_pre -> act -> hook_post -> fc2``; SwiGLU packs gate and value in fc1 (gate first)."""
+
+    def __init__(self, cfg: HookedViTConfig):
+        super().__init__()
+        self.act_fn = cfg.act_fn
+        width = 2 * cfg.d_mlp if cfg.act_fn == "swiglu" else cfg.d_mlp
+        self.fc1 = nn.Linear(cfg.d_model, width, bias=cfg.mlp_bias)
+        self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+        self.hook_pre = HookPoint()  # [B, T, d_mlp] (2*d_mlp for swiglu)
+        self.hook_post = HookPoint()  # [B, T, d_mlp]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.hook_pre(self.fc1(x))
+        if self.act_fn == "swiglu":
+            gate, value = pre.chunk(2, dim=-1)
+            post = F.silu(gate) * value
+        else:
+            post = _ACTIVATIONS[self.act_fn](pre)
+        return self.fc2(self.hook_post(post))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with TransformerLens hook names.
+
+    Runs ``scaled_dot_product_attention`` unless a hook on ``hook_attn_scores``/``hook_pattern`` is attached,
+    in which case the scores and pattern are materialised (same result, see tests).
+    """
+
+    def __init__(self, cfg: HookedViTConfig):
+        super().__init__()
+        self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
+        inner = cfg.n_heads * cfg.d_head
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.d_head**-0.5
+        self.qkv = nn.Linear(cfg.d_model, 3 * inner, bias=cfg.qkv_bias == "qkv")
+        if cfg.qkv_bias == "qv":
+            self.q_bias = nn.Parameter(torch.zeros(inner))
+            self.v_bias = nn.Parameter(torch.zeros(inner))
+        else:
+            self.q_bias = self.v_bias = None
+        self.out = nn.Linear(inner, cfg.d_model, bias=cfg.attn_out_bias)
+        self.use_attn_result = cfg.use_attn_result
+        self.hook_q = HookPoint()  # [B, T, h, dh]
+        self.hook_k = HookPoint()  # [B, T, h, dh]
+        self.hook_v = HookPoint()  # [B, T, h, dh]
+        self.hook_attn_scores = HookPoint()  # [B, h, T_q, T_k]
+        self.hook_pattern = HookPoint()  # [B, h, T_q, T_k]
+        self.hook_z = HookPoint()  # [B, T, h, dh]
+        self.hook_result = HookPoint()  # [B, T, h, d] (only with use_attn_result)
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        """The full ``[3*h*dh]`` bias (zeros for the key when only q and v have one)."""
+        if self.q_bias is not None:
+            return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        return self.qkv.bias
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the attention pattern must be materialised (a hook reads or edits it)."""
+        return self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv_bias()).view(B, T, 3, self.n_heads, self.d_head)
+        q, k, v = qkv.unbind(2)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, T, dh]
+        if self.explicit:
+            scores = self.hook_attn_scores(torch.matmul(q * self.scale, k.transpose(-2, -1)))
+            pattern = self.hook_pattern(scores.softmax(dim=-1))
+            z = torch.matmul(pattern, v)
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        z = self.hook_z(z.transpose(1, 2))  # [B, T, h, dh]
+        if self.use_attn_result:
+            w_o = self.out.weight.T.reshape(self.n_heads, self.d_head, -1)  # [h, dh, d]
+            result = self.hook_result(torch.einsum("bthe,hed->bthd", z, w_o))
+            out = result.sum(dim=2)
+            return out + self.out.bias if self.out.bias is not None else out
+        return self.out(z.reshape(B, T, -1))
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale on a block's branch output (``x * gamma``)."""
+
+    def __init__(self, d: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((d,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: ``resid_mid = resid_pre + attn(ln1)``, ``resid_post = resid_mid + mlp(ln2)``."""
+
+    def __init__(self, cfg: HookedViTConfig):
+        super().__init__()
+        self.attn_only = cfg.attn_only
+        self.ln1 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.ls1 = LayerScale(cfg.d_model, cfg.layer_scale_init) if cfg.layer_scale_init is not None else None
+        if not cfg.attn_only:
+            self.ln2 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+            self.mlp = MLP(cfg)
+            self.ls2 = LayerScale(cfg.d_model, cfg.layer_scale_init) if cfg.layer_scale_init is not None else None
+            self.hook_resid_mid = HookPoint()  # [B, T, d]
+            self.hook_mlp_out = HookPoint()  # [B, T, d]
+        self.hook_resid_pre = HookPoint()  # [B, T, d]
+        self.hook_attn_out = HookPoint()  # [B, T, d]
+        self.hook_resid_post = HookPoint()  # [B, T, d]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        resid_pre = self.hook_resid_pre(x)
+        attn_out = self.attn(self.ln1(resid_pre))
+        if self.ls1 is not None:
+            attn_out = self.ls1(attn_out)
+        attn_out = self.hook_attn_out(attn_out)
+        if self.attn_only:
+            return self.hook_resid_post(resid_pre + attn_out)
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        mlp_out = self.mlp(self.ln2(resid_mid))
+        if self.ls2 is not None:
+            mlp_out = self.ls2(mlp_out)
+        mlp_out = self.hook_mlp_out(mlp_out)
+        return self.hook_resid_post(resid_mid + mlp_out)

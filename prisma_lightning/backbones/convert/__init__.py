@@ -1,0 +1,56 @@
+"""`convert_model(source) -> HookedViT`: dispatch on the source model's library and class.
+
+One file per source library; each registers the classes it converts. Heavy libraries are imported only
+inside the converter that needs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prisma_lightning.backbones.hooked_vit import HookedViT
+
+# (library module prefix, class name) -> "module:function" converting such an object.
+_CONVERTERS: dict[tuple[str, str], str] = {
+    ("timm", "VisionTransformer"): "from_timm:convert_timm_vit",
+    ("transformers", "ViTModel"): "from_transformers:convert_hf_vit",
+    ("transformers", "ViTForImageClassification"): "from_transformers:convert_hf_vit",
+}
+
+
+def supported_sources() -> list[str]:
+    """Human-readable list of the classes ``convert_model`` accepts."""
+    return sorted(f"{lib}.{cls}" for lib, cls in _CONVERTERS)
+
+
+def _resolve(target: str) -> Callable[[Any], HookedViT]:
+    import importlib
+
+    module_name, func = target.split(":")
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    return getattr(module, func)
+
+
+def convert_model(source: Any) -> HookedViT:
+    """Convert a model object from timm / Hugging Face into an equivalent :class:`HookedViT` (float32 exact).
+
+    The result is in eval mode on the source's device and dtype. Raises ``TypeError`` for unsupported objects.
+    """
+    for cls in type(source).__mro__:
+        library = cls.__module__.split(".")[0]
+        target = _CONVERTERS.get((library, cls.__name__))
+        if target is not None:
+            model = _resolve(target)(source)
+            param = next(source.parameters(), None)
+            if param is not None:
+                model = model.to(device=param.device, dtype=param.dtype)
+            return model.eval()
+    raise TypeError(
+        f"convert_model does not support {type(source).__module__}.{type(source).__qualname__}. "
+        f"Supported: {', '.join(supported_sources())}."
+    )
+
+
+__all__ = ["convert_model", "supported_sources"]

@@ -1,0 +1,411 @@
+"""`HookedViT`: a vision transformer whose every intermediate activation is a named HookPoint.
+
+Token order: class token (if any), register tokens (if any), then patches in row-major order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prisma_lightning.backbones.components import Block, LayerNorm
+from prisma_lightning.backbones.config import HookedViTConfig
+from prisma_lightning.backbones.factored_matrix import FactoredMatrix
+from prisma_lightning.hooks import HookedModule, HookPoint
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def resample_pos_grid(
+    pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], mode: str, antialias: bool
+) -> torch.Tensor:
+    """Resize patch position embeddings ``[1, gh*gw, d]`` from ``old_grid`` to ``new_grid`` (float32 math)."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    d = pos.shape[-1]
+    grid = pos.reshape(1, old_grid[0], old_grid[1], d).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new_grid, mode=mode, antialias=antialias, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, -1, d).to(pos.dtype)
+
+
+class HookedViT(HookedModule):
+    """Vision transformer with TransformerLens-style hooks (see DESIGN.md for every hook name).
+
+    ``forward(images [B, C, H, W])`` returns the head output (logits or projected embedding), the pooled
+    vector when there is no head, or all tokens with ``pool='none'``. ``stop_at_layer=L`` returns the
+    residual stream after ``blocks[:L]``.
+    """
+
+    def __init__(self, cfg: HookedViTConfig | dict[str, Any]):
+        super().__init__()
+        if isinstance(cfg, dict):
+            cfg = HookedViTConfig.from_dict(cfg)
+        self.cfg = cfg
+        d = cfg.d_model
+        self.patch_embed = nn.Conv2d(
+            cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.n_registers, d)) if cfg.n_registers else None
+        if cfg.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_embed_prefix_tokens + cfg.n_patches, d))
+        else:
+            self.pos_embed = None
+        self.ln_pre = LayerNorm(d, cfg.layer_norm_eps) if cfg.ln_pre else None
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.ln_final = LayerNorm(d, cfg.layer_norm_eps) if cfg.final_norm else None
+        self.fc_norm = LayerNorm(d, cfg.layer_norm_eps) if cfg.fc_norm else None
+        if cfg.head == "none":
+            self.head = None
+        else:
+            self.head = nn.Linear(d, cfg.d_out, bias=cfg.head_bias)
+        self.hook_embed = HookPoint()  # [B, T_patch, d]
+        self.hook_pos_embed = HookPoint()  # [B, T, d] (zero rows for prefix tokens without a position)
+        self.hook_full_embed = HookPoint()  # [B, T, d]
+        self.hook_pooled = HookPoint()  # [B, d] (the head's input; [B, T, d] with pool='none')
+        self.hook_head_out = HookPoint()  # [B, d_out]
+        self.init_weights()
+        self.setup_hooks()
+
+    # ------------------------------------------------------------------ init
+    def init_weights(self) -> None:
+        """timm-style init: truncated normal (std 0.02) for linears and tokens, zero biases, unit LayerNorms."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for param in (self.cls_token, self.register_tokens, self.pos_embed):
+            if param is not None:
+                nn.init.trunc_normal_(param, std=0.02)
+        w = self.patch_embed.weight
+        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=(1.0 / w[0].numel()) ** 0.5)
+
+    # ------------------------------------------------------------------ embedding
+    def _grid_for(self, images: torch.Tensor, interpolate_pos_encoding: bool | None) -> tuple[int, int]:
+        cfg = self.cfg
+        if images.ndim != 4:
+            raise ValueError(
+                f"HookedViT expects images [B, C, H, W], got a tensor of shape {tuple(images.shape)}; "
+                "add a batch dimension with images.unsqueeze(0) for a single image."
+            )
+        if images.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"Expected {cfg.in_channels} input channels, got {images.shape[1]} (images {tuple(images.shape)}); "
+                "convert grayscale/RGBA images to RGB first."
+            )
+        size = tuple(images.shape[-2:])
+        if size == cfg.image_size:
+            return cfg.grid_size
+        dynamic = cfg.dynamic_img_size if interpolate_pos_encoding is None else interpolate_pos_encoding
+        if not dynamic:
+            raise ValueError(
+                f"Expected images of size {cfg.image_size}, got {size}. Resize them, or pass "
+                "interpolate_pos_encoding=True (or set cfg.dynamic_img_size) to interpolate position embeddings."
+            )
+        if size[0] % cfg.patch_size[0] or size[1] % cfg.patch_size[1]:
+            raise ValueError(f"Image size {size} is not divisible by the patch size {cfg.patch_size}.")
+        return (size[0] // cfg.patch_size[0], size[1] // cfg.patch_size[1])
+
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """``[1, T, d]`` position embeddings for a patch grid, zero rows for prefix tokens without one."""
+        if self.pos_embed is None:
+            return None
+        cfg = self.cfg
+        n_pos_prefix = cfg.pos_embed_prefix_tokens
+        prefix, patches = self.pos_embed[:, :n_pos_prefix], self.pos_embed[:, n_pos_prefix:]
+        patches = resample_pos_grid(patches, cfg.grid_size, grid, cfg.pos_interp_mode, cfg.pos_interp_antialias)
+        missing = cfg.n_prefix_tokens - n_pos_prefix
+        parts = [prefix]
+        if missing:
+            parts.append(prefix.new_zeros(1, missing, cfg.d_model))
+        return torch.cat(parts + [patches], dim=1) if (n_pos_prefix or missing) else patches
+
+    def embed(self, images: torch.Tensor, interpolate_pos_encoding: bool | None = None) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` -> the residual stream entering block 0 ``[B, T, d]``."""
+        grid = self._grid_for(images, interpolate_pos_encoding)
+        B = images.shape[0]
+        x = self.hook_embed(self.patch_embed(images).flatten(2).transpose(1, 2))  # [B, T_patch, d]
+        prefix = []
+        if self.cls_token is not None:
+            prefix.append(self.cls_token.expand(B, -1, -1))
+        if self.register_tokens is not None:
+            prefix.append(self.register_tokens.expand(B, -1, -1))
+        if prefix:
+            x = torch.cat(prefix + [x], dim=1)
+        pos = self.position_embedding(grid)
+        if pos is not None:
+            x = x + self.hook_pos_embed(pos.expand(B, -1, -1))
+        x = self.hook_full_embed(x)
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
+        return x
+
+    # ------------------------------------------------------------------ forward
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, d]`` -> ``[B, d]`` (class token or mean of patch tokens), unchanged with pool='none'."""
+        if self.cfg.pool == "cls":
+            return x[:, 0]
+        if self.cfg.pool == "mean":
+            return x[:, self.cfg.n_prefix_tokens :].mean(dim=1)
+        return x
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual after the last block ``[B, T, d]`` -> model output."""
+        if self.ln_final is not None:
+            x = self.ln_final(x)
+        x = self.pool(x)
+        if self.fc_norm is not None:
+            x = self.fc_norm(x)
+        x = self.hook_pooled(x)
+        if self.head is None:
+            return x
+        x = self.head(x)
+        if self.cfg.head_act == "tanh":
+            x = torch.tanh(x)
+        return self.hook_head_out(x)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        stop_at_layer: int | None = None,
+        interpolate_pos_encoding: bool | None = None,
+    ) -> torch.Tensor:
+        if stop_at_layer is not None and not -self.cfg.n_layers <= stop_at_layer <= self.cfg.n_layers:
+            raise ValueError(
+                f"stop_at_layer must be in [-{self.cfg.n_layers}, {self.cfg.n_layers}], got {stop_at_layer}."
+            )
+        x = self.embed(images, interpolate_pos_encoding)
+        for block in self.blocks[:stop_at_layer]:
+            x = block(x)
+        if stop_at_layer is not None:
+            return x
+        return self.forward_head(x)
+
+    # ------------------------------------------------------------------ weight views (circuit analysis)
+    def _stack(self, fn) -> torch.Tensor:
+        return torch.stack([fn(block) for block in self.blocks])
+
+    def _split_qkv(self, block: Block, which: int) -> torch.Tensor:
+        h, dh = self.cfg.n_heads, self.cfg.d_head
+        w = block.attn.qkv.weight.view(3, h, dh, -1)[which]  # [h, dh, d]
+        return w.transpose(1, 2)  # [h, d, dh]
+
+    def _qkv_bias(self, block: Block, which: int) -> torch.Tensor:
+        h, dh = self.cfg.n_heads, self.cfg.d_head
+        bias = block.attn.qkv_bias()
+        if bias is None:
+            return block.attn.qkv.weight.new_zeros(h, dh)
+        return bias.view(3, h, dh)[which]
+
+    @staticmethod
+    def _gamma(ls: nn.Module | None, like: torch.Tensor) -> torch.Tensor:
+        return ls.gamma if ls is not None else like.new_ones(like.shape[-1])
+
+    @property
+    def W_Q(self) -> torch.Tensor:
+        """``[n_layers, h, d_model, d_head]``"""
+        return self._stack(lambda b: self._split_qkv(b, 0))
+
+    @property
+    def W_K(self) -> torch.Tensor:
+        """``[n_layers, h, d_model, d_head]``"""
+        return self._stack(lambda b: self._split_qkv(b, 1))
+
+    @property
+    def W_V(self) -> torch.Tensor:
+        """``[n_layers, h, d_model, d_head]``"""
+        return self._stack(lambda b: self._split_qkv(b, 2))
+
+    @property
+    def b_Q(self) -> torch.Tensor:
+        """``[n_layers, h, d_head]``"""
+        return self._stack(lambda b: self._qkv_bias(b, 0))
+
+    @property
+    def b_K(self) -> torch.Tensor:
+        return self._stack(lambda b: self._qkv_bias(b, 1))
+
+    @property
+    def b_V(self) -> torch.Tensor:
+        return self._stack(lambda b: self._qkv_bias(b, 2))
+
+    @property
+    def W_O(self) -> torch.Tensor:
+        """``[n_layers, h, d_head, d_model]``, layer scale included (so results sum to ``hook_attn_out``)."""
+        h, dh = self.cfg.n_heads, self.cfg.d_head
+
+        def w_o(b: Block) -> torch.Tensor:
+            w = b.attn.out.weight.T * self._gamma(b.ls1, b.attn.out.weight.T)
+            return w.reshape(h, dh, -1)
+
+        return self._stack(w_o)
+
+    @property
+    def b_O(self) -> torch.Tensor:
+        """``[n_layers, d_model]``, layer scale included."""
+
+        def b_o(b: Block) -> torch.Tensor:
+            bias = b.attn.out.bias if b.attn.out.bias is not None else b.attn.out.weight.new_zeros(self.cfg.d_model)
+            return bias * self._gamma(b.ls1, bias)
+
+        return self._stack(b_o)
+
+    def _require_mlp(self) -> None:
+        if self.cfg.attn_only:
+            raise ValueError("This model is attention-only (cfg.attn_only=True); it has no MLP weights.")
+
+    @property
+    def W_in(self) -> torch.Tensor:
+        """``[n_layers, d_model, d_mlp]`` (``2*d_mlp`` for SwiGLU: gate, then value)."""
+        self._require_mlp()
+        return self._stack(lambda b: b.mlp.fc1.weight.T)
+
+    @property
+    def b_in(self) -> torch.Tensor:
+        self._require_mlp()
+        return self._stack(
+            lambda b: (
+                b.mlp.fc1.bias if b.mlp.fc1.bias is not None else b.mlp.fc1.weight.new_zeros(b.mlp.fc1.out_features)
+            )
+        )
+
+    @property
+    def W_out(self) -> torch.Tensor:
+        """``[n_layers, d_mlp, d_model]``, layer scale included."""
+        self._require_mlp()
+        return self._stack(lambda b: b.mlp.fc2.weight.T * self._gamma(b.ls2, b.mlp.fc2.weight.T))
+
+    @property
+    def b_out(self) -> torch.Tensor:
+        self._require_mlp()
+
+        def b_out(b: Block) -> torch.Tensor:
+            bias = b.mlp.fc2.bias if b.mlp.fc2.bias is not None else b.mlp.fc2.weight.new_zeros(self.cfg.d_model)
+            return bias * self._gamma(b.ls2, bias)
+
+        return self._stack(b_out)
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        """Patch embedding as a matrix ``[C*ph*pw, d_model]`` (flattened patch pixels -> residual)."""
+        return self.patch_embed.weight.flatten(1).T
+
+    @property
+    def W_pos(self) -> torch.Tensor | None:
+        """Position embeddings ``[T_pos, d_model]``."""
+        return None if self.pos_embed is None else self.pos_embed[0]
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """Head ``[d_model, d_out]`` (the unembedding of the logit lens)."""
+        if self.head is None:
+            raise ValueError("This model has no head (cfg.head='none'), so it has no W_U.")
+        return self.head.weight.T
+
+    @property
+    def b_U(self) -> torch.Tensor:
+        if self.head is None:
+            raise ValueError("This model has no head (cfg.head='none'), so it has no b_U.")
+        return self.head.bias if self.head.bias is not None else self.head.weight.new_zeros(self.cfg.d_out)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """``W_Q @ W_K^T`` per layer and head, ``[n_layers, h, d_model, d_model]``."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """``W_V @ W_O`` per layer and head, ``[n_layers, h, d_model, d_model]``."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    # ------------------------------------------------------------------ weight processing
+    def fold_layer_norm(self) -> HookedViT:
+        """Fold LayerNorm weights and biases into the layers that read them; see ``weight_processing``."""
+        from prisma_lightning.backbones.weight_processing import fold_layer_norm
+
+        fold_layer_norm(self)
+        return self
+
+    def center_writing_weights(self) -> HookedViT:
+        """Make every write to the residual stream mean-zero (outputs unchanged; LayerNorms centre anyway)."""
+        from prisma_lightning.backbones.weight_processing import center_writing_weights
+
+        center_writing_weights(self)
+        return self
+
+    # ------------------------------------------------------------------ conversion aliases
+    @classmethod
+    def from_timm(cls, model: Any) -> HookedViT:
+        """Alias of :func:`~prisma_lightning.backbones.convert_model` for a timm ``VisionTransformer``."""
+        from prisma_lightning.backbones.convert import convert_model
+
+        return convert_model(model)
+
+    @classmethod
+    def from_transformers(cls, model: Any) -> HookedViT:
+        """Alias of :func:`~prisma_lightning.backbones.convert_model` for a Hugging Face model object."""
+        from prisma_lightning.backbones.convert import convert_model
+
+        return convert_model(model)
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (each atomically: temp file, then rename)."""
+        from safetensors.torch import save_file
+
+        from prisma_lightning.utils import atomic_path
+
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_path(out / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "library": "prisma_lightning"})
+        with atomic_path(out / CONFIG_NAME) as tmp:
+            tmp.write_text(self.cfg.to_json())
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        revision: str | None = None,
+    ) -> HookedViT:
+        """Load a folder written by :meth:`save_pretrained`, or the same two files from a Hugging Face repo."""
+        from safetensors.torch import load_file
+
+        path = Path(name_or_path)
+        if path.is_dir():
+            config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+            for file in (config_file, weights_file):
+                if not file.is_file():
+                    raise FileNotFoundError(
+                        f"{file} is missing; a HookedViT folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
+                        "(written by HookedViT.save_pretrained)."
+                    )
+        else:
+            from prisma_lightning.utils import hub_download
+
+            config_file = hub_download(str(name_or_path), CONFIG_NAME, revision=revision)
+            weights_file = hub_download(str(name_or_path), WEIGHTS_NAME, revision=revision)
+        try:
+            cfg = HookedViTConfig.from_dict(json.loads(Path(config_file).read_text()))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{config_file} is not a valid HookedViT config: {err}") from err
+        model = cls(cfg)
+        state = load_file(str(weights_file))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_file} does not match its config: missing keys {missing[:5]}, unexpected {unexpected[:5]}."
+            )
+        return model.to(device=device, dtype=dtype).eval()
