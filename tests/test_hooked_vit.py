@@ -112,7 +112,8 @@ def test_attn_result_sums_to_attn_out() -> None:
     result = cache["blocks.1.attn.hook_result"]  # [B, T, h, d]
     assert result.shape == (2, 19, 4, 32)
     attn_out = cache["blocks.1.hook_attn_out"]
-    assert_close((result.sum(2) + model.blocks[1].attn.out.bias) * model.blocks[1].ls1.gamma, attn_out)
+    block = model.blocks[1]
+    assert_close(result.sum(2) + block.attn.out.bias * block.ls1.gamma, attn_out)
 
 
 # ---------------------------------------------------------------- weight views

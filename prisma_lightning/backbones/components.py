@@ -110,7 +110,8 @@ class Attention(nn.Module):
         """Whether the attention pattern must be materialised (a hook reads or edits it)."""
         return self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``out_scale`` is the block's layer scale, applied here so ``hook_result`` includes it."""
         B, T, _ = x.shape
         qkv = F.linear(x, self.qkv.weight, self.qkv_bias()).view(B, T, 3, self.n_heads, self.d_head)
         q, k, v = qkv.unbind(2)
@@ -124,11 +125,16 @@ class Attention(nn.Module):
             z = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         z = self.hook_z(z.transpose(1, 2))  # [B, T, h, dh]
         if self.use_attn_result:
-            w_o = self.out.weight.T.reshape(self.n_heads, self.d_head, -1)  # [h, dh, d]
-            result = self.hook_result(torch.einsum("bthe,hed->bthd", z, w_o))
+            w_o = self.out.weight.T  # [h*dh, d]
+            bias = self.out.bias
+            if out_scale is not None:
+                w_o = w_o * out_scale
+                bias = bias * out_scale if bias is not None else None
+            result = self.hook_result(torch.einsum("bthe,hed->bthd", z, w_o.reshape(self.n_heads, self.d_head, -1)))
             out = result.sum(dim=2)
-            return out + self.out.bias if self.out.bias is not None else out
-        return self.out(z.reshape(B, T, -1))
+            return out + bias if bias is not None else out
+        out = self.out(z.reshape(B, T, -1))
+        return out * out_scale if out_scale is not None else out
 
 
 class LayerScale(nn.Module):
@@ -163,10 +169,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         resid_pre = self.hook_resid_pre(x)
-        attn_out = self.attn(self.ln1(resid_pre))
-        if self.ls1 is not None:
-            attn_out = self.ls1(attn_out)
-        attn_out = self.hook_attn_out(attn_out)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), None if self.ls1 is None else self.ls1.gamma))
         if self.attn_only:
             return self.hook_resid_post(resid_pre + attn_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
@@ -175,3 +178,52 @@ class Block(nn.Module):
             mlp_out = self.ls2(mlp_out)
         mlp_out = self.hook_mlp_out(mlp_out)
         return self.hook_resid_post(resid_mid + mlp_out)
+
+
+class AttentionPool(nn.Module):
+    """Attention pooling with learned probe queries (SigLIP head, timm ``map``, open_clip attentional pooler).
+
+    Queries attend to the tokens independently, so only the first query (the pooled vector) is computed.
+    Projections are stored like ``nn.MultiheadAttention``: ``q`` reads the probe, ``kv`` reads the tokens.
+    """
+
+    def __init__(self, cfg: HookedViTConfig):
+        super().__init__()
+        d, d_pool = cfg.d_model, cfg.attn_pool_dim
+        self.n_heads = cfg.attn_pool_heads
+        self.d_head = d_pool // self.n_heads
+        self.probe = nn.Parameter(torch.zeros(1, cfg.attn_pool_queries, d_pool))
+        self.ln_q = LayerNorm(d_pool, cfg.layer_norm_eps) if cfg.attn_pool_norm_q else None
+        self.ln_kv = LayerNorm(d, cfg.layer_norm_eps) if cfg.attn_pool_norm_kv else None
+        self.q = nn.Linear(d_pool, d_pool)
+        self.kv = nn.Linear(d, 2 * d_pool)
+        self.out = nn.Linear(d_pool, d_pool)
+        if cfg.attn_pool_mlp:
+            mlp_cfg = cfg if d_pool == d else HookedViTConfig(**{**cfg.to_dict(), "d_model": d_pool, "d_mlp": None})
+            self.ln = LayerNorm(d_pool, cfg.layer_norm_eps)
+            self.mlp = MLP(mlp_cfg)
+        else:
+            self.ln = self.mlp = None
+        self.hook_pattern = HookPoint()  # [B, h, 1, T]
+        self.hook_out = HookPoint()  # [B, d_pool]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        query = self.probe[:, :1]
+        if self.ln_q is not None:
+            query = self.ln_q(query)
+        if self.ln_kv is not None:
+            x = self.ln_kv(x)
+        q = self.q(query).view(1, 1, self.n_heads, self.d_head).transpose(1, 2).expand(B, -1, -1, -1)
+        k, v = self.kv(x).view(B, T, 2, self.n_heads, self.d_head).unbind(2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, h, T, dh]
+        scale = self.d_head**-0.5
+        if self.hook_pattern.has_hooks:
+            pattern = self.hook_pattern(torch.matmul(q * scale, k.transpose(-2, -1)).softmax(dim=-1))
+            z = torch.matmul(pattern, v)
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        pooled = self.out(z.transpose(1, 2).reshape(B, 1, -1))
+        if self.mlp is not None:
+            pooled = pooled + self.mlp(self.ln(pooled))
+        return self.hook_out(pooled[:, 0])

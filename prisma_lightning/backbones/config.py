@@ -38,14 +38,18 @@ class HookedViTConfig:
     """Patch (convolution kernel and stride) size."""
     in_channels: int = 3
     """Image channels."""
+    num_frames: int = 1
+    """Frames per clip for video models (input ``[B, T, C, H, W]``); 1 means an image model."""
+    tubelet_size: int = 1
+    """Frames per tubelet, the temporal patch size of a video model's Conv3d embedding."""
     patch_bias: bool = True
     """Whether the patch-embedding convolution has a bias (CLIP's has none)."""
     class_token: bool = True
     """Prepend a learned class token."""
     n_registers: int = 0
     """Learned register tokens placed after the class token (DINOv2-reg, timm ``reg_tokens``)."""
-    pos_embed: Literal["learned", "none"] = "learned"
-    """Absolute position embedding added to the tokens."""
+    pos_embed: Literal["learned", "sincos", "none"] = "learned"
+    """Absolute position embedding: learned, fixed 1-D sin-cos over the token index (VideoMAE), or none."""
     pos_embed_prefix_tokens: int | None = None
     """How many leading prefix tokens (class, then registers) have a position embedding; default: the class
     token only. timm's ``no_embed_class=True`` is 0; its default is all prefix tokens."""
@@ -77,8 +81,21 @@ class HookedViTConfig:
     """LayerNorm over all tokens after the last block (``ln_final``; timm ``norm``)."""
     fc_norm: bool = False
     """LayerNorm after pooling instead (timm ``fc_norm``, used with mean pooling)."""
-    pool: Literal["cls", "mean", "none"] = "cls"
-    """Pooling: the class token, the mean of the patch tokens (prefix tokens excluded), or none (all tokens)."""
+    pool: Literal["cls", "mean", "attn", "none"] = "cls"
+    """Pooling: the class token, the mean of the patch tokens (prefix tokens excluded), attention pooling with a
+    learned probe (SigLIP, timm ``map``, open_clip attentional pooler), or none (all tokens)."""
+    attn_pool_heads: int | None = None
+    """Heads of the attention pool; defaults to ``n_heads``."""
+    attn_pool_queries: int = 1
+    """Learned queries of the attention pool; the pooled vector is the first query's output."""
+    attn_pool_norm_q: bool = False
+    """LayerNorm on the pool's query before attention (open_clip ``ln_q``)."""
+    attn_pool_norm_kv: bool = False
+    """LayerNorm on the tokens the pool attends to (open_clip ``ln_k``)."""
+    attn_pool_mlp: bool = False
+    """Residual LayerNorm + MLP after the pool's attention (SigLIP head, timm ``map``)."""
+    attn_pool_dim: int | None = None
+    """Width of the attention pool's output (open_clip CoCa pools into ``output_dim``); defaults to ``d_model``."""
     head: Literal["classifier", "projection", "none"] = "classifier"
     """Output head: a linear classifier with bias, a bias-free projection (CLIP), or none."""
     n_classes: int = 1000
@@ -109,6 +126,18 @@ class HookedViTConfig:
             self.d_head = self.d_model // self.n_heads
         if self.d_mlp is None:
             self.d_mlp = 4 * self.d_model
+        if self.num_frames < 1 or self.tubelet_size < 1 or self.num_frames % self.tubelet_size:
+            raise ValueError(
+                f"num_frames={self.num_frames} must be a positive multiple of tubelet_size={self.tubelet_size}."
+            )
+        if self.attn_pool_heads is None:
+            self.attn_pool_heads = self.n_heads
+        if self.attn_pool_dim is None:
+            self.attn_pool_dim = self.d_model
+        if self.pool == "attn" and self.attn_pool_dim % self.attn_pool_heads:
+            raise ValueError(
+                f"attn_pool_dim={self.attn_pool_dim} is not divisible by attn_pool_heads={self.attn_pool_heads}."
+            )
         self.image_size = _pair(self.image_size, "image_size")
         self.patch_size = _pair(self.patch_size, "patch_size")
         for side, (size, patch) in enumerate(zip(self.image_size, self.patch_size, strict=True)):
@@ -143,18 +172,29 @@ class HookedViTConfig:
         return int(self.class_token) + self.n_registers
 
     @property
+    def is_video(self) -> bool:
+        """Video models take ``[B, T, C, H, W]`` clips and embed tubelets with a Conv3d."""
+        return self.num_frames > 1
+
+    @property
     def grid_size(self) -> tuple[int, int]:
         """Patches per side at ``image_size``."""
         return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
 
     @property
     def n_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
+        """Patch tokens (tubelets for video: ``num_frames / tubelet_size`` time steps of the spatial grid)."""
+        return (self.num_frames // self.tubelet_size) * self.grid_size[0] * self.grid_size[1]
 
     @property
     def n_tokens(self) -> int:
         """Sequence length at ``image_size``."""
         return self.n_prefix_tokens + self.n_patches
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled vector (the head's input)."""
+        return self.attn_pool_dim if self.pool == "attn" else self.d_model
 
     @property
     def d_out(self) -> int:
@@ -163,7 +203,7 @@ class HookedViTConfig:
             return self.n_classes
         if self.head == "projection":
             return self.projection_dim
-        return self.d_model
+        return self.pooled_dim
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

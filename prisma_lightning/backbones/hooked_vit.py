@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prisma_lightning.backbones.components import Block, LayerNorm
+from prisma_lightning.backbones.components import AttentionPool, Block, LayerNorm
 from prisma_lightning.backbones.config import HookedViTConfig
 from prisma_lightning.backbones.factored_matrix import FactoredMatrix
 from prisma_lightning.hooks import HookedModule, HookPoint
@@ -35,6 +35,16 @@ def resample_pos_grid(
     return grid.permute(0, 2, 3, 1).reshape(1, -1, d).to(pos.dtype)
 
 
+def sincos_table(n_positions: int, d: int) -> torch.Tensor:
+    """Fixed 1-D sinusoid table ``[1, n_positions, d]`` (sin on even channels, cos on odd; VideoMAE's)."""
+    position = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    exponent = 2 * (torch.arange(d, dtype=torch.float64) // 2) / d
+    angles = position / torch.pow(10000.0, exponent)[None, :]
+    table = torch.empty_like(angles)
+    table[:, 0::2], table[:, 1::2] = angles[:, 0::2].sin(), angles[:, 1::2].cos()
+    return table[None].float()
+
+
 class HookedViT(HookedModule):
     """Vision transformer with TransformerLens-style hooks (see DESIGN.md for every hook name).
 
@@ -49,23 +59,30 @@ class HookedViT(HookedModule):
             cfg = HookedViTConfig.from_dict(cfg)
         self.cfg = cfg
         d = cfg.d_model
-        self.patch_embed = nn.Conv2d(
-            cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
-        )
+        if cfg.is_video:
+            kernel = (cfg.tubelet_size, *cfg.patch_size)
+            self.patch_embed = nn.Conv3d(cfg.in_channels, d, kernel_size=kernel, stride=kernel, bias=cfg.patch_bias)
+        else:
+            self.patch_embed = nn.Conv2d(
+                cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
+            )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
         self.register_tokens = nn.Parameter(torch.zeros(1, cfg.n_registers, d)) if cfg.n_registers else None
-        if cfg.pos_embed == "learned":
-            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_embed_prefix_tokens + cfg.n_patches, d))
+        n_pos = cfg.pos_embed_prefix_tokens + cfg.n_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, d)) if cfg.pos_embed == "learned" else None
+        if cfg.pos_embed == "sincos":
+            self.register_buffer("pos_embed_fixed", sincos_table(n_pos, d), persistent=False)
         else:
-            self.pos_embed = None
+            self.pos_embed_fixed = None
         self.ln_pre = LayerNorm(d, cfg.layer_norm_eps) if cfg.ln_pre else None
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.ln_final = LayerNorm(d, cfg.layer_norm_eps) if cfg.final_norm else None
-        self.fc_norm = LayerNorm(d, cfg.layer_norm_eps) if cfg.fc_norm else None
+        self.attn_pool = AttentionPool(cfg) if cfg.pool == "attn" else None
+        self.fc_norm = LayerNorm(cfg.pooled_dim, cfg.layer_norm_eps) if cfg.fc_norm else None
         if cfg.head == "none":
             self.head = None
         else:
-            self.head = nn.Linear(d, cfg.d_out, bias=cfg.head_bias)
+            self.head = nn.Linear(cfg.pooled_dim, cfg.d_out, bias=cfg.head_bias)
         self.hook_embed = HookPoint()  # [B, T_patch, d]
         self.hook_pos_embed = HookPoint()  # [B, T, d] (zero rows for prefix tokens without a position)
         self.hook_full_embed = HookPoint()  # [B, T, d]
@@ -85,12 +102,27 @@ class HookedViT(HookedModule):
         for param in (self.cls_token, self.register_tokens, self.pos_embed):
             if param is not None:
                 nn.init.trunc_normal_(param, std=0.02)
+        if self.attn_pool is not None:
+            nn.init.trunc_normal_(self.attn_pool.probe, std=0.02)
         w = self.patch_embed.weight
         nn.init.trunc_normal_(w.view(w.shape[0], -1), std=(1.0 / w[0].numel()) ** 0.5)
 
     # ------------------------------------------------------------------ embedding
+    def _check_video(self, clips: torch.Tensor) -> None:
+        cfg = self.cfg
+        expected = (cfg.num_frames, cfg.in_channels, *cfg.image_size)
+        if clips.ndim != 5 or tuple(clips.shape[1:]) != expected:
+            raise ValueError(
+                f"This video model expects clips [B, T, C, H, W] with (T, C, H, W) = {expected}, got a tensor of "
+                f"shape {tuple(clips.shape)}. Sample {cfg.num_frames} frames, resize to {cfg.image_size} and stack "
+                "frames on dimension 1 (the layout of Hugging Face video models)."
+            )
+
     def _grid_for(self, images: torch.Tensor, interpolate_pos_encoding: bool | None) -> tuple[int, int]:
         cfg = self.cfg
+        if cfg.is_video:
+            self._check_video(images)
+            return cfg.grid_size
         if images.ndim != 4:
             raise ValueError(
                 f"HookedViT expects images [B, C, H, W], got a tensor of shape {tuple(images.shape)}; "
@@ -116,12 +148,19 @@ class HookedViT(HookedModule):
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor | None:
         """``[1, T, d]`` position embeddings for a patch grid, zero rows for prefix tokens without one."""
-        if self.pos_embed is None:
+        table = self.pos_embed if self.pos_embed is not None else self.pos_embed_fixed
+        if table is None:
             return None
         cfg = self.cfg
         n_pos_prefix = cfg.pos_embed_prefix_tokens
-        prefix, patches = self.pos_embed[:, :n_pos_prefix], self.pos_embed[:, n_pos_prefix:]
-        patches = resample_pos_grid(patches, cfg.grid_size, grid, cfg.pos_interp_mode, cfg.pos_interp_antialias)
+        prefix, patches = table[:, :n_pos_prefix], table[:, n_pos_prefix:]
+        if tuple(grid) != cfg.grid_size:
+            if cfg.pos_embed != "learned":
+                raise ValueError(
+                    f"Fixed sin-cos position embeddings cover a {cfg.grid_size} patch grid, got {grid}; "
+                    f"resize inputs to {cfg.image_size}."
+                )
+            patches = resample_pos_grid(patches, cfg.grid_size, grid, cfg.pos_interp_mode, cfg.pos_interp_antialias)
         missing = cfg.n_prefix_tokens - n_pos_prefix
         parts = [prefix]
         if missing:
@@ -129,9 +168,11 @@ class HookedViT(HookedModule):
         return torch.cat(parts + [patches], dim=1) if (n_pos_prefix or missing) else patches
 
     def embed(self, images: torch.Tensor, interpolate_pos_encoding: bool | None = None) -> torch.Tensor:
-        """Images ``[B, C, H, W]`` -> the residual stream entering block 0 ``[B, T, d]``."""
+        """Images ``[B, C, H, W]`` (clips ``[B, T, C, H, W]``) -> the residual entering block 0 ``[B, T, d]``."""
         grid = self._grid_for(images, interpolate_pos_encoding)
         B = images.shape[0]
+        if self.cfg.is_video:
+            images = images.transpose(1, 2)  # [B, C, T, H, W] for the Conv3d; tokens come out time-major
         x = self.hook_embed(self.patch_embed(images).flatten(2).transpose(1, 2))  # [B, T_patch, d]
         prefix = []
         if self.cls_token is not None:
@@ -155,6 +196,8 @@ class HookedViT(HookedModule):
             return x[:, 0]
         if self.cfg.pool == "mean":
             return x[:, self.cfg.n_prefix_tokens :].mean(dim=1)
+        if self.attn_pool is not None:
+            return self.attn_pool(x)
         return x
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
@@ -295,13 +338,14 @@ class HookedViT(HookedModule):
 
     @property
     def W_E(self) -> torch.Tensor:
-        """Patch embedding as a matrix ``[C*ph*pw, d_model]`` (flattened patch pixels -> residual)."""
+        """Patch embedding as a matrix ``[C*(t)*ph*pw, d_model]`` (flattened patch pixels -> residual)."""
         return self.patch_embed.weight.flatten(1).T
 
     @property
     def W_pos(self) -> torch.Tensor | None:
-        """Position embeddings ``[T_pos, d_model]``."""
-        return None if self.pos_embed is None else self.pos_embed[0]
+        """Position embeddings ``[T_pos, d_model]`` (learned or fixed)."""
+        table = self.pos_embed if self.pos_embed is not None else self.pos_embed_fixed
+        return None if table is None else table[0]
 
     @property
     def W_U(self) -> torch.Tensor:

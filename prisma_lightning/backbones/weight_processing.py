@@ -40,8 +40,8 @@ def _fold_into(ln: LayerNorm, linear: nn.Linear) -> None:
 def fold_layer_norm(model: HookedViT) -> None:
     """Fold ln1 into qkv, ln2 into the MLP's first layer, and the final norm into the head where it has one.
 
-    ``ln_pre`` (which writes the residual stream) and ``ln_final`` when ``fc_norm`` follows it cannot be
-    folded and are left as they are. The config is updated for biases the folding had to create.
+    ``ln_pre`` (which writes the residual stream), and ``ln_final`` when ``fc_norm`` or attention pooling
+    follows it, cannot be folded and are left as they are. The config is updated for biases the folding had to create.
     """
     cfg = model.cfg
     for block in model.blocks:
@@ -60,7 +60,7 @@ def fold_layer_norm(model: HookedViT) -> None:
         if model.fc_norm is not None:
             _fold_into(model.fc_norm, model.head)
             cfg.head_bias = True
-        elif model.ln_final is not None:
+        elif model.ln_final is not None and model.attn_pool is None:  # pooling must be linear to commute
             _fold_into(model.ln_final, model.head)
             cfg.head_bias = True
 

@@ -36,7 +36,7 @@ class HookHandle:
         still fires once when ``backward()`` reaches that activation (how a cache collects gradients after the
         forward pass's context has closed).
         """
-        if True:
+        if not (keep_pending_grad and self.direction == "bwd"):
             self.active = False
         if self._torch_handle is not None:
             self._torch_handle.remove()
