@@ -81,6 +81,8 @@ class HookedViTConfig:
     """LayerNorm over all tokens after the last block (``ln_final``; timm ``norm``)."""
     fc_norm: bool = False
     """LayerNorm after pooling instead (timm ``fc_norm``, used with mean pooling)."""
+    fc_norm_eps: float | None = None
+    """Epsilon of ``fc_norm`` when it differs from ``layer_norm_eps`` (VideoMAE's classifier uses 1e-5)."""
     pool: Literal["cls", "mean", "attn", "none"] = "cls"
     """Pooling: the class token, the mean of the patch tokens (prefix tokens excluded), attention pooling with a
     learned probe (SigLIP, timm ``map``, open_clip attentional pooler), or none (all tokens)."""

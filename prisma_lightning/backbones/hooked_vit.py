@@ -78,7 +78,7 @@ class HookedViT(HookedModule):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.ln_final = LayerNorm(d, cfg.layer_norm_eps) if cfg.final_norm else None
         self.attn_pool = AttentionPool(cfg) if cfg.pool == "attn" else None
-        self.fc_norm = LayerNorm(cfg.pooled_dim, cfg.layer_norm_eps) if cfg.fc_norm else None
+        self.fc_norm = LayerNorm(cfg.pooled_dim, cfg.fc_norm_eps or cfg.layer_norm_eps) if cfg.fc_norm else None
         if cfg.head == "none":
             self.head = None
         else:

@@ -15,8 +15,26 @@ if TYPE_CHECKING:
 # (library module prefix, class name) -> "module:function" converting such an object.
 _CONVERTERS: dict[tuple[str, str], str] = {
     ("timm", "VisionTransformer"): "from_timm:convert_timm_vit",
-    ("transformers", "ViTModel"): "from_transformers:convert_hf_vit",
-    ("transformers", "ViTForImageClassification"): "from_transformers:convert_hf_vit",
+    ("open_clip", "VisionTransformer"): "from_open_clip:convert_open_clip_vit",
+    **{("open_clip", name): "from_open_clip:convert_open_clip_model" for name in ("CLIP", "CustomTextCLIP", "CoCa")},
+    **{
+        ("transformers", name): "from_transformers:convert_hf_vit"
+        for name in (
+            "ViTModel",
+            "ViTForImageClassification",
+            "Dinov2Model",
+            "Dinov2WithRegistersModel",
+            "CLIPVisionModel",
+            "CLIPVisionModelWithProjection",
+            "CLIPModel",
+            "SiglipVisionModel",
+            "SiglipModel",
+            "VivitModel",
+            "VivitForVideoClassification",
+            "VideoMAEModel",
+            "VideoMAEForVideoClassification",
+        )
+    },
 }
 
 

@@ -1,7 +1,16 @@
-"""Convert Hugging Face ``transformers`` ViT models (``ViTModel``, ``ViTForImageClassification``)."""
+"""Convert Hugging Face ``transformers`` vision models into HookedViTs.
+
+Families: ViT (and DINO v1 checkpoints, which are ``ViTModel``s), CLIP vision towers, DINOv2 (+ registers),
+SigLIP vision towers, ViViT and VideoMAE. Every family is a pre-LN transformer; they differ in attribute names,
+embeddings and heads, which :func:`hf_layer_parts` and the per-family functions below map onto HookedViT.
+
+``hf_hooked_config(model)`` works on models built on the ``meta`` device, so the registry can derive exact
+architectures without allocating weights.
+"""
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -21,98 +30,339 @@ HF_ACTIVATIONS = {
     "swish": "silu",
 }
 
+State = dict[str, torch.Tensor]
 
-def hf_activation(name: str) -> str:
-    if name not in HF_ACTIVATIONS:
+
+def hf_activation(name: Any) -> str:
+    if not isinstance(name, str) or name not in HF_ACTIVATIONS:
         raise TypeError(f"Unsupported Hugging Face hidden_act {name!r}; supported: {sorted(HF_ACTIVATIONS)}.")
     return HF_ACTIVATIONS[name]
 
 
-def _layers(vit: nn.Module) -> list[nn.Module]:
-    """Encoder layers in either transformers layout (5.x ``layers`` or 4.x ``encoder.layer``)."""
-    if hasattr(vit, "layers"):
-        return list(vit.layers)
-    return list(vit.encoder.layer)
+def _find(obj: Any, *paths: str) -> Any:
+    """The first attribute path that exists on ``obj`` (layouts differ across models and transformers versions)."""
+    for path in paths:
+        try:
+            return operator.attrgetter(path)(obj)
+        except AttributeError:
+            continue
+    return None
 
 
-def _layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    """q, k, v, o, fc1, fc2 of one HF ViT layer, whichever transformers version built it."""
-    attn = layer.attention
-    if hasattr(attn, "q_proj"):
-        return {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
-                "fc1": layer.mlp.fc1, "fc2": layer.mlp.fc2}  # fmt: skip
-    return {"q": attn.attention.query, "k": attn.attention.key, "v": attn.attention.value,
-            "o": attn.output.dense, "fc1": layer.intermediate.dense, "fc2": layer.output.dense}  # fmt: skip
+def hf_layer_parts(layer: nn.Module) -> dict[str, Any]:
+    """The pieces of one encoder layer, whichever family and transformers version built it."""
+    parts = {
+        "ln1": _find(layer, "layernorm_before", "layer_norm1", "norm1"),
+        "ln2": _find(layer, "layernorm_after", "layer_norm2", "norm2"),
+        "q": _find(layer, "attention.q_proj", "self_attn.q_proj", "attention.attention.query"),
+        "k": _find(layer, "attention.k_proj", "self_attn.k_proj", "attention.attention.key"),
+        "v": _find(layer, "attention.v_proj", "self_attn.v_proj", "attention.attention.value"),
+        "o": _find(layer, "attention.o_proj", "self_attn.out_proj", "attention.output.dense"),
+        "fc1": _find(layer, "mlp.fc1", "intermediate.dense", "mlp.weights_in"),
+        "gate": _find(layer, "mlp.gate_proj"),
+        "up": _find(layer, "mlp.up_proj"),
+        "fc2": _find(layer, "mlp.fc2", "mlp.down_proj", "mlp.weights_out", "output.dense"),
+        "ls1": _find(layer, "layer_scale1.lambda1"),
+        "ls2": _find(layer, "layer_scale2.lambda1"),
+        # VideoMAE before transformers 5 kept separate q/v biases on the attention module.
+        "q_bias": _find(layer, "attention.attention.q_bias"),
+        "v_bias": _find(layer, "attention.attention.v_bias"),
+    }
+    missing = [k for k in ("ln1", "ln2", "q", "k", "v", "o", "fc2") if parts[k] is None]
+    if missing or (parts["fc1"] is None and parts["gate"] is None):
+        raise TypeError(f"Unrecognised encoder layer {type(layer).__name__}: could not find {missing or ['fc1']}.")
+    return parts
 
 
-def _cat_bias(linears: list[nn.Linear]) -> torch.Tensor | None:
-    if all(lin.bias is None for lin in linears):
-        return None
-    return torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in linears])
+def _is_swiglu(parts: dict[str, Any], layer: nn.Module) -> bool:
+    return parts["gate"] is not None or _find(layer, "mlp.weights_in") is not None
 
 
-def convert_hf_vit(model: Any) -> HookedViT:
-    """``ViTModel`` (output: pooler output, or the final class token without a pooler) or
-    ``ViTForImageClassification`` (output: logits) -> HookedViT."""
-    is_classifier = hasattr(model, "classifier")
+def _bias_or_zeros(linear: nn.Linear) -> torch.Tensor:
+    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+
+
+def _block_config(layer: nn.Module, hidden_act: str | None) -> dict[str, Any]:
+    """Config fields read off the first encoder layer."""
+    parts = hf_layer_parts(layer)
+    swiglu = _is_swiglu(parts, layer)
+    q, k = parts["q"], parts["k"]
+    if parts["q_bias"] is not None or (q.bias is not None and k.bias is None):
+        qkv_bias = "qv"
+    else:
+        qkv_bias = "qkv" if q.bias is not None else "none"
+    d_mlp = parts["fc2"].in_features
+    return {
+        "d_mlp": d_mlp,
+        "qkv_bias": qkv_bias,
+        "act_fn": "swiglu" if swiglu else hf_activation(hidden_act),
+        "layer_scale_init": 1.0 if parts["ls1"] is not None else None,
+        "mlp_bias": parts["fc2"].bias is not None,
+        "attn_out_bias": parts["o"].bias is not None,
+        "layer_norm_eps": parts["ln1"].eps,
+    }
+
+
+def _block_state(i: int, layer: nn.Module, cfg: HookedViTConfig) -> State:
+    parts = hf_layer_parts(layer)
+    p = f"blocks.{i}."
+    sd: State = {
+        p + "ln1.weight": parts["ln1"].weight,
+        p + "ln1.bias": parts["ln1"].bias,
+        p + "ln2.weight": parts["ln2"].weight,
+        p + "ln2.bias": parts["ln2"].bias,
+        p + "attn.qkv.weight": torch.cat([parts["q"].weight, parts["k"].weight, parts["v"].weight]),
+        p + "attn.out.weight": parts["o"].weight,
+        p + "mlp.fc2.weight": parts["fc2"].weight,
+    }
+    if cfg.qkv_bias == "qkv":
+        sd[p + "attn.qkv.bias"] = torch.cat([_bias_or_zeros(parts[n]) for n in ("q", "k", "v")])
+    elif cfg.qkv_bias == "qv":
+        sd[p + "attn.q_bias"] = parts["q_bias"] if parts["q_bias"] is not None else parts["q"].bias
+        sd[p + "attn.v_bias"] = parts["v_bias"] if parts["v_bias"] is not None else parts["v"].bias
+    if parts["o"].bias is not None:
+        sd[p + "attn.out.bias"] = parts["o"].bias
+    if parts["gate"] is not None:  # SwiGLU with separate gate/up layers: pack gate first
+        sd[p + "mlp.fc1.weight"] = torch.cat([parts["gate"].weight, parts["up"].weight])
+        if parts["gate"].bias is not None:
+            sd[p + "mlp.fc1.bias"] = torch.cat([parts["gate"].bias, parts["up"].bias])
+    else:
+        sd[p + "mlp.fc1.weight"] = parts["fc1"].weight
+        if parts["fc1"].bias is not None:
+            sd[p + "mlp.fc1.bias"] = parts["fc1"].bias
+    if parts["fc2"].bias is not None:
+        sd[p + "mlp.fc2.bias"] = parts["fc2"].bias
+    if parts["ls1"] is not None:
+        sd[p + "ls1.gamma"], sd[p + "ls2.gamma"] = parts["ls1"], parts["ls2"]
+    return sd
+
+
+def _layers(encoder_owner: nn.Module) -> list[nn.Module]:
+    layers = _find(encoder_owner, "layers", "encoder.layers", "encoder.layer")
+    if layers is None:
+        raise TypeError(f"Could not find the encoder layers of {type(encoder_owner).__name__}.")
+    return list(layers)
+
+
+def _name(model: nn.Module) -> str:
+    return getattr(model.config, "_name_or_path", "") or type(model).__name__
+
+
+def _ln(sd: State, prefix: str, ln: nn.LayerNorm) -> None:
+    sd[prefix + ".weight"], sd[prefix + ".bias"] = ln.weight, ln.bias
+
+
+# ---------------------------------------------------------------------------------------------- families
+def _vit_family(model: nn.Module) -> tuple[dict[str, Any], State, nn.Module]:
+    """ViTModel / ViTForImageClassification / Dinov2Model / Dinov2WithRegistersModel."""
+    kind = type(model).__name__
+    is_classifier = kind == "ViTForImageClassification"
     vit = model.vit if is_classifier else model
-    hf = model.config
-    patch = hf.patch_size
-    pooler = getattr(vit, "pooler", None)
-    head: dict[str, Any] = {"head": "none"}
-    if is_classifier and isinstance(model.classifier, nn.Linear):
-        head = {"head": "classifier", "n_classes": model.classifier.out_features}
-    elif pooler is not None:
-        pooler_act = getattr(hf, "pooler_act", "tanh")
-        if pooler_act not in ("tanh",):
-            raise TypeError(f"Only a tanh pooler is supported, got pooler_act={pooler_act!r}.")
-        head = {"head": "classifier", "n_classes": pooler.dense.out_features, "head_act": "tanh"}
-    layers = _layers(vit)
-    first = _layer_linears(layers[0])
-    cfg = HookedViTConfig(
-        d_model=hf.hidden_size,
-        n_layers=len(layers),
-        n_heads=hf.num_attention_heads,
-        d_head=first["q"].out_features // hf.num_attention_heads,
-        d_mlp=first["fc1"].out_features,
-        image_size=hf.image_size,
-        patch_size=patch,
-        in_channels=hf.num_channels,
-        class_token=True,
-        pos_embed_prefix_tokens=1,
-        pos_interp_antialias=False,
-        layer_norm_eps=hf.layer_norm_eps,
-        qkv_bias=first["q"].bias is not None,
-        act_fn=hf_activation(hf.hidden_act),
-        final_norm=True,
-        pool="cls",
-        model_name=getattr(hf, "_name_or_path", "") or type(model).__name__,
-        **head,
-    )
+    hf = vit.config
     emb = vit.embeddings
-    sd: dict[str, torch.Tensor] = {
+    n_reg = emb.register_tokens.shape[1] if getattr(emb, "register_tokens", None) is not None else 0
+    fields: dict[str, Any] = {
+        "image_size": hf.image_size,
+        "patch_size": hf.patch_size,
+        "in_channels": hf.num_channels,
+        "class_token": True,
+        "n_registers": n_reg,
+        "pos_embed_prefix_tokens": 1,
+        "pos_interp_antialias": kind.startswith("Dinov2WithRegisters"),
+        "dynamic_img_size": kind.startswith("Dinov2"),  # DINOv2 always interpolates (trained at 518 px)
+        "final_norm": True,
+        "pool": "cls",
+        "head": "none",
+    }
+    sd: State = {
         "patch_embed.weight": emb.patch_embeddings.projection.weight,
         "patch_embed.bias": emb.patch_embeddings.projection.bias,
         "cls_token": emb.cls_token,
         "pos_embed": emb.position_embeddings,
-        "ln_final.weight": vit.layernorm.weight,
-        "ln_final.bias": vit.layernorm.bias,
     }
+    if n_reg:
+        sd["register_tokens"] = emb.register_tokens
+    _ln(sd, "ln_final", vit.layernorm)
+    pooler = getattr(vit, "pooler", None)
+    if is_classifier and isinstance(model.classifier, nn.Linear):
+        fields.update(head="classifier", n_classes=model.classifier.out_features)
+        sd["head.weight"], sd["head.bias"] = model.classifier.weight, model.classifier.bias
+    elif pooler is not None:
+        if getattr(hf, "pooler_act", "tanh") != "tanh":
+            raise TypeError(f"Only a tanh pooler is supported, got pooler_act={hf.pooler_act!r}.")
+        fields.update(head="classifier", n_classes=pooler.dense.out_features, head_act="tanh")
+        sd["head.weight"], sd["head.bias"] = pooler.dense.weight, pooler.dense.bias
+    return fields, sd, vit
+
+
+def _clip_family(model: nn.Module) -> tuple[dict[str, Any], State, nn.Module]:
+    """CLIPVisionModel / CLIPVisionModelWithProjection / CLIPModel (vision tower + visual_projection)."""
+    tower = _find(model, "vision_model.vision_model", "vision_model") or model  # layouts differ across versions
+    hf = tower.config
+    emb = tower.embeddings
+    projection = getattr(model, "visual_projection", None)
+    fields: dict[str, Any] = {
+        "image_size": hf.image_size,
+        "patch_size": hf.patch_size,
+        "in_channels": hf.num_channels,
+        "patch_bias": emb.patch_embedding.bias is not None,
+        "class_token": True,
+        "pos_embed_prefix_tokens": 1,
+        "pos_interp_antialias": False,
+        "ln_pre": True,
+        "final_norm": False,
+        "fc_norm": True,  # post_layernorm normalises the pooled class token only
+        "pool": "cls",
+        "head": "projection" if projection is not None else "none",
+    }
+    sd: State = {
+        "patch_embed.weight": emb.patch_embedding.weight,
+        "cls_token": emb.class_embedding.reshape(1, 1, -1),
+        "pos_embed": emb.position_embedding.weight[None],
+    }
+    if emb.patch_embedding.bias is not None:
+        sd["patch_embed.bias"] = emb.patch_embedding.bias
+    _ln(sd, "ln_pre", tower.pre_layrnorm)
+    _ln(sd, "fc_norm", tower.post_layernorm)
+    if projection is not None:
+        fields["projection_dim"] = projection.out_features
+        sd["head.weight"] = projection.weight
+    return fields, sd, tower
+
+
+def _siglip_family(model: nn.Module) -> tuple[dict[str, Any], State, nn.Module]:
+    """SiglipVisionModel (or SiglipModel's vision tower): no class token, attention-pooling head."""
+    tower = _find(model, "vision_model.vision_model", "vision_model") or model
+    hf = tower.config
+    emb = tower.embeddings
+    head = getattr(tower, "head", None) if getattr(tower, "use_head", True) else None
+    fields: dict[str, Any] = {
+        "image_size": hf.image_size,
+        "patch_size": hf.patch_size,
+        "in_channels": hf.num_channels,
+        "class_token": False,
+        "pos_embed_prefix_tokens": 0,
+        "pos_interp_antialias": False,
+        "final_norm": True,
+        "pool": "attn" if head is not None else "none",
+        "head": "none",
+    }
+    sd: State = {
+        "patch_embed.weight": emb.patch_embedding.weight,
+        "patch_embed.bias": emb.patch_embedding.bias,
+        "pos_embed": emb.position_embedding.weight[None],
+    }
+    _ln(sd, "ln_final", tower.post_layernorm)
+    if head is not None:
+        mha = head.attention
+        d = mha.embed_dim
+        fields.update(attn_pool_heads=mha.num_heads, attn_pool_mlp=True)
+        sd["attn_pool.probe"] = head.probe
+        sd["attn_pool.q.weight"], sd["attn_pool.q.bias"] = mha.in_proj_weight[:d], mha.in_proj_bias[:d]
+        sd["attn_pool.kv.weight"], sd["attn_pool.kv.bias"] = mha.in_proj_weight[d:], mha.in_proj_bias[d:]
+        sd["attn_pool.out.weight"], sd["attn_pool.out.bias"] = mha.out_proj.weight, mha.out_proj.bias
+        _ln(sd, "attn_pool.ln", head.layernorm)
+        sd["attn_pool.mlp.fc1.weight"], sd["attn_pool.mlp.fc1.bias"] = head.mlp.fc1.weight, head.mlp.fc1.bias
+        sd["attn_pool.mlp.fc2.weight"], sd["attn_pool.mlp.fc2.bias"] = head.mlp.fc2.weight, head.mlp.fc2.bias
+    return fields, sd, tower
+
+
+def _video_family(model: nn.Module) -> tuple[dict[str, Any], State, nn.Module]:
+    """VivitModel / VivitForVideoClassification / VideoMAEModel / VideoMAEForVideoClassification."""
+    kind = type(model).__name__
+    is_videomae = kind.startswith("VideoMAE")
+    backbone = _find(model, "vivit", "videomae") or model
+    hf = backbone.config
+    emb = backbone.embeddings
+    proj = emb.patch_embeddings.projection
+    t, ph, pw = proj.kernel_size
+    fields: dict[str, Any] = {
+        "image_size": hf.image_size,
+        "patch_size": (ph, pw),
+        "in_channels": hf.num_channels,
+        "num_frames": hf.num_frames,
+        "tubelet_size": t,
+        "head": "none",
+    }
+    sd: State = {"patch_embed.weight": proj.weight, "patch_embed.bias": proj.bias}
+    classifier = getattr(model, "classifier", None)
+    if is_videomae:
+        fields.update(class_token=False, pos_embed="sincos", pos_embed_prefix_tokens=0)
+        final_ln = backbone.layernorm
+        fields["final_norm"] = final_ln is not None
+        if final_ln is not None:
+            _ln(sd, "ln_final", final_ln)
+        fc_norm = getattr(model, "fc_norm", None)
+        if classifier is None:
+            fields["pool"] = "none"
+        elif fc_norm is not None:
+            fields.update(pool="mean", fc_norm=True, fc_norm_eps=fc_norm.eps)
+            _ln(sd, "fc_norm", fc_norm)
+        else:
+            raise TypeError("VideoMAEForVideoClassification without mean pooling (use_mean_pooling=False) pools "
+                            "the first patch token, which HookedViT does not represent; use mean pooling.")  # fmt: skip
+    else:
+        fields.update(class_token=True, pos_embed_prefix_tokens=1, final_norm=True, pool="cls")
+        sd["cls_token"], sd["pos_embed"] = emb.cls_token, emb.position_embeddings
+        _ln(sd, "ln_final", backbone.layernorm)
+        pooler = getattr(backbone, "pooler", None)
+        if classifier is None and pooler is not None:
+            fields.update(head="classifier", n_classes=pooler.dense.out_features, head_act="tanh")
+            sd["head.weight"], sd["head.bias"] = pooler.dense.weight, pooler.dense.bias
+    if isinstance(classifier, nn.Linear):
+        fields.update(head="classifier", n_classes=classifier.out_features)
+        sd["head.weight"], sd["head.bias"] = classifier.weight, classifier.bias
+    return fields, sd, backbone
+
+
+FAMILIES = {
+    "ViTModel": _vit_family,
+    "ViTForImageClassification": _vit_family,
+    "Dinov2Model": _vit_family,
+    "Dinov2WithRegistersModel": _vit_family,
+    "CLIPVisionModel": _clip_family,
+    "CLIPVisionModelWithProjection": _clip_family,
+    "CLIPModel": _clip_family,
+    "SiglipVisionModel": _siglip_family,
+    "SiglipModel": _siglip_family,
+    "VivitModel": _video_family,
+    "VivitForVideoClassification": _video_family,
+    "VideoMAEModel": _video_family,
+    "VideoMAEForVideoClassification": _video_family,
+}
+
+
+def _hooked_config_and_state(model: nn.Module) -> tuple[HookedViTConfig, State]:
+    kind = type(model).__name__
+    if kind not in FAMILIES:
+        raise TypeError(f"Unsupported transformers class {kind}; supported: {sorted(FAMILIES)}.")
+    fields, sd, backbone = FAMILIES[kind](model)
+    layers = _layers(backbone)
+    hf = backbone.config
+    first = hf_layer_parts(layers[0])
+    n_heads = hf.num_attention_heads
+    cfg = HookedViTConfig(
+        d_model=hf.hidden_size,
+        n_layers=len(layers),
+        n_heads=n_heads,
+        d_head=first["q"].out_features // n_heads,
+        model_name=_name(model),
+        **_block_config(layers[0], getattr(hf, "hidden_act", None)),
+        **fields,
+    )
     for i, layer in enumerate(layers):
-        lin = _layer_linears(layer)
-        p = f"blocks.{i}."
-        sd[p + "ln1.weight"], sd[p + "ln1.bias"] = layer.layernorm_before.weight, layer.layernorm_before.bias
-        sd[p + "ln2.weight"], sd[p + "ln2.bias"] = layer.layernorm_after.weight, layer.layernorm_after.bias
-        sd[p + "attn.qkv.weight"] = torch.cat([lin["q"].weight, lin["k"].weight, lin["v"].weight])
-        qkv_bias = _cat_bias([lin["q"], lin["k"], lin["v"]])
-        if qkv_bias is not None:
-            sd[p + "attn.qkv.bias"] = qkv_bias
-        sd[p + "attn.out.weight"], sd[p + "attn.out.bias"] = lin["o"].weight, lin["o"].bias
-        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = lin["fc1"].weight, lin["fc1"].bias
-        sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = lin["fc2"].weight, lin["fc2"].bias
-    if cfg.head != "none":
-        src = model.classifier if is_classifier else pooler.dense
-        sd["head.weight"], sd["head.bias"] = src.weight, src.bias
+        sd.update(_block_state(i, layer, cfg))
+    return cfg, sd
+
+
+def hf_hooked_config(model: nn.Module) -> HookedViTConfig:
+    """The HookedViTConfig of a transformers model (works on ``meta``-device models)."""
+    return _hooked_config_and_state(model)[0]
+
+
+def convert_hf_vit(model: nn.Module) -> HookedViT:
+    """Any supported transformers vision model -> HookedViT with identical outputs (see ``FAMILIES``)."""
+    cfg, sd = _hooked_config_and_state(model)
     hooked = HookedViT(cfg)
     hooked.load_state_dict({k: v.detach().clone().float() for k, v in sd.items()}, strict=True)
     return hooked
