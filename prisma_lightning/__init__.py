@@ -20,6 +20,7 @@ _EXPORTS = {
     "convert_model": "prisma_lightning.backbones",
     "load_hooked_model": "prisma_lightning.backbones",
     "list_models": "prisma_lightning.backbones",
+    "ZeroShotClassifier": "prisma_lightning.backbones",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

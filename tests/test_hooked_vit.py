@@ -212,7 +212,7 @@ def test_from_pretrained_rejects_mismatched_weights(tmp_path) -> None:
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["n_layers"] = 3
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="does not match its config: missing keys"):
+    with pytest.raises(ValueError, match=r"model.safetensors do not match the config: missing keys"):
         HookedViT.from_pretrained(tmp_path)
 
 

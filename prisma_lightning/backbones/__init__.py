@@ -5,11 +5,18 @@ from prisma_lightning.backbones.convert import convert_model, supported_sources
 from prisma_lightning.backbones.factored_matrix import FactoredMatrix
 from prisma_lightning.backbones.hooked_vit import HookedViT
 from prisma_lightning.backbones.registry import TEST_CONFIGS, list_models, load_hooked_model, register_model
+from prisma_lightning.backbones.transforms import PreprocessConfig, build_transform
+from prisma_lightning.backbones.zero_shot import ZeroShotClassifier, clip_templates, imagenet_class_names
 
 __all__ = [
     "FactoredMatrix",
     "HookedViT",
     "HookedViTConfig",
+    "PreprocessConfig",
+    "ZeroShotClassifier",
+    "build_transform",
+    "clip_templates",
+    "imagenet_class_names",
     "TEST_CONFIGS",
     "convert_model",
     "list_models",

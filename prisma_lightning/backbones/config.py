@@ -112,6 +112,9 @@ class HookedViTConfig:
     """Compute per-head outputs ``attn.hook_result [B,T,h,d]`` (costs memory; off by default)."""
     model_name: str = ""
     """Name of the source model (provenance only)."""
+    preprocess: dict[str, Any] | None = None
+    """The source's eval preprocessing as a ``PreprocessConfig`` dict (None: resize to ``image_size``, ImageNet
+    statistics). Set by conversions from the source library's own config."""
 
     def __post_init__(self) -> None:
         if isinstance(self.qkv_bias, bool):

@@ -17,6 +17,7 @@ from torch import nn
 from prisma_lightning.backbones.components import AttentionPool, Block, LayerNorm
 from prisma_lightning.backbones.config import HookedViTConfig
 from prisma_lightning.backbones.factored_matrix import FactoredMatrix
+from prisma_lightning.backbones.transforms import PreprocessConfig, build_transform
 from prisma_lightning.hooks import HookedModule, HookPoint
 
 CONFIG_NAME = "config.json"
@@ -385,10 +386,62 @@ class HookedViT(HookedModule):
         center_writing_weights(self)
         return self
 
+    # ------------------------------------------------------------------ preprocessing
+    def preprocess_config(self) -> PreprocessConfig:
+        """The source checkpoint's preprocessing (or a plain resize to ``image_size`` if none is recorded)."""
+        if self.cfg.preprocess is not None:
+            return PreprocessConfig.from_dict(self.cfg.preprocess)
+        size = self.cfg.image_size
+        return PreprocessConfig(resize=size, crop_size=size)
+
+    def preprocess(self, train: bool = False) -> Any:
+        """torchvision transform matching the source library's preprocessing for this checkpoint.
+
+        Images: PIL or ``[C, H, W]`` -> ``[C, H, W]`` float. Video models: a clip ``[T, C, H, W]`` uint8 tensor
+        -> ``[T, C, H, W]`` float (stack clips to ``[B, T, C, H, W]``).
+        """
+        return build_transform(self.preprocess_config(), train=train)
+
+    # ------------------------------------------------------------------ construction from weights
+    @classmethod
+    def from_state_dict(cls, cfg: HookedViTConfig, state_dict: dict[str, torch.Tensor], source: str = "") -> HookedViT:
+        """Build a model straight from weights, skipping random init (built on ``meta``, then filled in).
+
+        Raises ``ValueError`` naming missing / unexpected keys and shape mismatches (``source`` names the file).
+        """
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device="cpu")
+        model.reset_fixed_buffers()
+        where = f" in {source}" if source else ""
+        try:
+            missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise ValueError(f"Weights{where} do not match the config: {err}") from err
+        if missing or unexpected:
+            raise ValueError(
+                f"Weights{where} do not match the config: missing keys {missing[:5]}, unexpected {unexpected[:5]}."
+            )
+        return model
+
+    def reset_fixed_buffers(self) -> None:
+        """Recompute buffers that are not saved (the fixed sin-cos table)."""
+        if self.pos_embed_fixed is not None:
+            self.pos_embed_fixed = sincos_table(self.pos_embed_fixed.shape[1], self.cfg.d_model).to(
+                self.patch_embed.weight.device
+            )
+
     # ------------------------------------------------------------------ conversion aliases
     @classmethod
     def from_timm(cls, model: Any) -> HookedViT:
         """Alias of :func:`~prisma_lightning.backbones.convert_model` for a timm ``VisionTransformer``."""
+        from prisma_lightning.backbones.convert import convert_model
+
+        return convert_model(model)
+
+    @classmethod
+    def from_open_clip(cls, model: Any) -> HookedViT:
+        """Alias of :func:`~prisma_lightning.backbones.convert_model` for an open_clip model or its ``visual``."""
         from prisma_lightning.backbones.convert import convert_model
 
         return convert_model(model)
@@ -445,11 +498,5 @@ class HookedViT(HookedModule):
             cfg = HookedViTConfig.from_dict(json.loads(Path(config_file).read_text()))
         except (json.JSONDecodeError, TypeError) as err:
             raise ValueError(f"{config_file} is not a valid HookedViT config: {err}") from err
-        model = cls(cfg)
-        state = load_file(str(weights_file))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights_file} does not match its config: missing keys {missing[:5]}, unexpected {unexpected[:5]}."
-            )
+        model = cls.from_state_dict(cfg, load_file(str(weights_file)), source=str(weights_file))
         return model.to(device=device, dtype=dtype).eval()

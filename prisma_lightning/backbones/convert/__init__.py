@@ -51,16 +51,23 @@ def _resolve(target: str) -> Callable[[Any], HookedViT]:
     return getattr(module, func)
 
 
-def convert_model(source: Any) -> HookedViT:
-    """Convert a model object from timm / Hugging Face into an equivalent :class:`HookedViT` (float32 exact).
+def convert_model(source: Any, image_processor: Any = None) -> HookedViT:
+    """Convert a model object from timm / Hugging Face / open_clip into an equivalent :class:`HookedViT`.
 
-    The result is in eval mode on the source's device and dtype. Raises ``TypeError`` for unsupported objects.
+    Exact in float32; the result is in eval mode on the source's device and dtype, and records the source's
+    preprocessing (``model.preprocess()``). Hugging Face models keep their preprocessing in a separate image
+    processor: pass it (or its dict) as ``image_processor``, otherwise the family's published default is used.
+    Raises ``TypeError`` for unsupported objects.
     """
     for cls in type(source).__mro__:
         library = cls.__module__.split(".")[0]
         target = _CONVERTERS.get((library, cls.__name__))
         if target is not None:
             model = _resolve(target)(source)
+            if image_processor is not None:
+                from prisma_lightning.backbones.transforms import PreprocessConfig
+
+                model.cfg.preprocess = PreprocessConfig.from_hf_processor(image_processor).to_dict()
             param = next(source.parameters(), None)
             if param is not None:
                 model = model.to(device=param.device, dtype=param.dtype)

@@ -155,8 +155,20 @@ def open_clip_config(visual: Any) -> HookedViTConfig:
         projection_dim=proj.shape[1] if proj is not None else 512,
         head_bias=False,
         model_name=f"open_clip.{type(visual).__name__}",
+        preprocess=_preprocess(visual),
         **pooling,
     )
+
+
+def _preprocess(visual: Any) -> dict[str, Any] | None:
+    """open_clip's eval preprocessing: ``visual.preprocess_cfg`` (set by ``create_model``), else its defaults."""
+    from prisma_lightning.backbones.transforms import PreprocessConfig
+
+    preprocess_cfg = getattr(visual, "preprocess_cfg", None) or {"size": tuple(visual.image_size)}
+    try:
+        return PreprocessConfig.from_open_clip(preprocess_cfg).to_dict()
+    except (KeyError, ValueError):
+        return None
 
 
 def _norm(sd: dict[str, torch.Tensor], prefix: str, norm: nn.LayerNorm) -> None:
@@ -223,10 +235,9 @@ def open_clip_state_dict(visual: Any, cfg: HookedViTConfig) -> dict[str, torch.T
 def convert_open_clip_vit(visual: Any) -> HookedViT:
     """open_clip ``VisionTransformer`` -> HookedViT whose output equals ``visual(images)`` (the pooled embedding)."""
     cfg = open_clip_config(visual)
-    hooked = HookedViT(cfg)
-    state = {k: v.detach().clone().float() for k, v in open_clip_state_dict(visual, cfg).items()}
-    hooked.load_state_dict(state, strict=True)
-    return hooked
+    return HookedViT.from_state_dict(
+        cfg, {k: v.detach().clone().float() for k, v in open_clip_state_dict(visual, cfg).items()}
+    )
 
 
 def convert_open_clip_model(model: Any) -> HookedViT:

@@ -9,6 +9,7 @@ from torch import nn
 
 from prisma_lightning.backbones.config import HookedViTConfig
 from prisma_lightning.backbones.hooked_vit import HookedViT
+from prisma_lightning.backbones.transforms import PreprocessConfig
 
 _POOLS = {"token": "cls", "avg": "mean", "": "none"}
 
@@ -101,7 +102,18 @@ def timm_config(model: Any) -> HookedViTConfig:
         n_classes=head.out_features if isinstance(head, nn.Linear) else 1000,
         head_bias=head.bias is not None if isinstance(head, nn.Linear) else None,
         model_name=getattr(model, "default_cfg", {}).get("hf_hub_id", "") or type(model).__name__,
+        preprocess=_preprocess(model),
     )
+
+
+def _preprocess(model: Any) -> dict[str, Any] | None:
+    """timm's own eval data config for this model (resize, crop_pct, interpolation, mean/std)."""
+    from timm.data import resolve_data_config
+
+    try:
+        return PreprocessConfig.from_timm_data_config(resolve_data_config({}, model=model)).to_dict()
+    except (KeyError, ValueError):
+        return None
 
 
 def _fc1_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -156,7 +168,6 @@ def timm_state_dict(model: Any, cfg: HookedViTConfig) -> dict[str, torch.Tensor]
 def convert_timm_vit(model: Any) -> HookedViT:
     """timm ``VisionTransformer`` -> HookedViT with identical outputs."""
     cfg = timm_config(model)
-    hooked = HookedViT(cfg)
-    state = {k: v.detach().clone().float() for k, v in timm_state_dict(model, cfg).items()}
-    hooked.load_state_dict(state, strict=True)
-    return hooked
+    return HookedViT.from_state_dict(
+        cfg, {k: v.detach().clone().float() for k, v in timm_state_dict(model, cfg).items()}
+    )

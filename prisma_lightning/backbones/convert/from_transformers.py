@@ -18,6 +18,7 @@ from torch import nn
 
 from prisma_lightning.backbones.config import HookedViTConfig
 from prisma_lightning.backbones.hooked_vit import HookedViT
+from prisma_lightning.backbones.transforms import PreprocessConfig
 
 HF_ACTIVATIONS = {
     "gelu": "gelu",
@@ -31,6 +32,41 @@ HF_ACTIVATIONS = {
 }
 
 State = dict[str, torch.Tensor]
+
+_IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+_HALF = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+_CLIP = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+# The image-processor settings the published checkpoints of each family ship (preprocessor_config.json); used
+# when no processor is passed to the conversion. Resample codes are PIL's (2 bilinear, 3 bicubic).
+DEFAULT_PROCESSORS: dict[str, dict[str, Any]] = {
+    "vit": {"size": {"height": 224, "width": 224}, "resample": 2, **_HALF},
+    "dino": {"size": {"height": 224, "width": 224}, "resample": 3, **_IMAGENET},
+    "dinov2": {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, "do_center_crop": True,
+               "resample": 3, **_IMAGENET},
+    "clip": {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, "do_center_crop": True,
+             "resample": 3, **_CLIP},
+    "siglip": {"size": {"height": 224, "width": 224}, "resample": 3, **_HALF},
+    "vivit": {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, "do_center_crop": True,
+              "resample": 2, "offset": True, **_HALF},
+    "videomae": {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, "do_center_crop": True,
+                 "resample": 2, **_IMAGENET},
+}  # fmt: skip
+
+
+def _default_preprocess(family: str, image_size: Any) -> dict[str, Any]:
+    """The family's default processor, scaled to the model's own input size."""
+    proc = dict(DEFAULT_PROCESSORS[family])
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if family == "dinov2":
+        h = w = 224  # DINOv2 checkpoints declare 518 px positions but are run at 224 px
+    scale = h / 224
+    if "height" in proc["size"]:
+        proc["size"] = {"height": h, "width": w}
+    else:
+        proc["size"] = {"shortest_edge": round(proc["size"]["shortest_edge"] * scale)}
+    if "crop_size" in proc:
+        proc["crop_size"] = {"height": h, "width": w}
+    return PreprocessConfig.from_hf_processor(proc).to_dict()
 
 
 def hf_activation(name: Any) -> str:
@@ -173,6 +209,7 @@ def _vit_family(model: nn.Module) -> tuple[dict[str, Any], State, nn.Module]:
         "final_norm": True,
         "pool": "cls",
         "head": "none",
+        "preprocess": _default_preprocess("dinov2" if kind.startswith("Dinov2") else "vit", hf.image_size),
     }
     sd: State = {
         "patch_embed.weight": emb.patch_embeddings.projection.weight,
@@ -214,6 +251,7 @@ def _clip_family(model: nn.Module) -> tuple[dict[str, Any], State, nn.Module]:
         "fc_norm": True,  # post_layernorm normalises the pooled class token only
         "pool": "cls",
         "head": "projection" if projection is not None else "none",
+        "preprocess": _default_preprocess("clip", hf.image_size),
     }
     sd: State = {
         "patch_embed.weight": emb.patch_embedding.weight,
@@ -246,6 +284,7 @@ def _siglip_family(model: nn.Module) -> tuple[dict[str, Any], State, nn.Module]:
         "final_norm": True,
         "pool": "attn" if head is not None else "none",
         "head": "none",
+        "preprocess": _default_preprocess("siglip", hf.image_size),
     }
     sd: State = {
         "patch_embed.weight": emb.patch_embedding.weight,
@@ -283,6 +322,7 @@ def _video_family(model: nn.Module) -> tuple[dict[str, Any], State, nn.Module]:
         "num_frames": hf.num_frames,
         "tubelet_size": t,
         "head": "none",
+        "preprocess": _default_preprocess("videomae" if is_videomae else "vivit", hf.image_size),
     }
     sd: State = {"patch_embed.weight": proj.weight, "patch_embed.bias": proj.bias}
     classifier = getattr(model, "classifier", None)
@@ -363,6 +403,4 @@ def hf_hooked_config(model: nn.Module) -> HookedViTConfig:
 def convert_hf_vit(model: nn.Module) -> HookedViT:
     """Any supported transformers vision model -> HookedViT with identical outputs (see ``FAMILIES``)."""
     cfg, sd = _hooked_config_and_state(model)
-    hooked = HookedViT(cfg)
-    hooked.load_state_dict({k: v.detach().clone().float() for k, v in sd.items()}, strict=True)
-    return hooked
+    return HookedViT.from_state_dict(cfg, {k: v.detach().clone().float() for k, v in sd.items()})
