@@ -13,7 +13,6 @@ from prisma_lightning.backbones import (
     TEST_CONFIGS,
     HookedViT,
     HookedViTConfig,
-    list_models,
     load_hooked_model,
 )
 
@@ -219,14 +218,3 @@ def test_from_pretrained_rejects_mismatched_weights(tmp_path) -> None:
 def test_from_pretrained_offline_hub_error_names_the_file() -> None:
     with pytest.raises(FileNotFoundError, match="config.json.*not in the local cache"):
         HookedViT.from_pretrained("someone/not-a-cached-repo")
-
-
-def test_registry_lists_and_builds_and_rejects_unknown_names() -> None:
-    assert "test/vit-tiny" in list_models("test/*")
-    assert all(n.startswith("timm/") for n in list_models("timm/*"))
-    model = load_hooked_model("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", pretrained=False)
-    assert (model.cfg.d_model, model.cfg.n_layers) == (192, 12) and not model.training
-    with pytest.raises(KeyError, match="test/vit-tiny"):
-        load_hooked_model("test/vit-tinny", pretrained=False)
-    with pytest.raises(ValueError, match="without published weights"):
-        load_hooked_model("test/vit-tiny", pretrained=True)

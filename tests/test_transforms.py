@@ -58,14 +58,21 @@ def test_hf_image_processors_match(image, processor_name: str, family_model: str
 
 
 def test_video_clip_transform_normalises_every_frame() -> None:
-    model = load_hooked_model("MCG-NJU/videomae-base", pretrained=False) if False else None  # registry later
     cfg = PreprocessConfig(resize=36, crop_size=(32, 32), interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
     clip = torch.randint(0, 256, (4, 3, 48, 64), dtype=torch.uint8)
     out = build_transform(cfg)(clip)
-    assert out.shape == (4, 3, 32, 32) and model is None
+    assert out.shape == (4, 3, 32, 32)
     frame = build_transform(cfg)(clip[2])
     assert_close(out[2], frame)
     assert out.min() >= (0 - 0.5) / 0.25 - 1e-6 and out.max() <= (1 - 0.5) / 0.25 + 1e-6
+
+
+def test_video_model_preprocess_takes_clips() -> None:
+    model = load_hooked_model("test/video-tiny", pretrained=False)
+    clip = torch.randint(0, 256, (4, 3, 20, 24), dtype=torch.uint8)
+    batch = model.preprocess()(clip)[None]
+    assert batch.shape == (1, 4, 3, 16, 16)
+    assert torch.isfinite(model(batch)).all()
 
 
 def test_train_transform_random_crop_has_crop_size(image) -> None:

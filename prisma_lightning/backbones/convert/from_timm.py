@@ -93,7 +93,7 @@ def timm_config(model: Any) -> HookedViTConfig:
         attn_out_bias=attn.proj.bias is not None,
         mlp_bias=block.mlp.fc2.bias is not None,
         attn_scale=attn.scale,
-        layer_scale_init=float(ls.gamma.detach().flatten()[0]) if hasattr(ls, "gamma") else None,
+        layer_scale_init=float(getattr(ls, "init_values", 1.0)) if hasattr(ls, "gamma") else None,
         act_fn=act,
         final_norm=has_norm,
         fc_norm=has_fc_norm,

@@ -1,0 +1,239 @@
+"""Index-based sparse encode/decode for the TopK family, with hand-written backward passes.
+
+A TopK SAE keeps ``k`` of ``d_sae`` features per token, so its decoder needs ``B*k*d`` multiply-adds, not the
+``B*d_sae*d`` of a dense ``[B, d_sae] @ [d_sae, d]`` matmul. The active features are held as a
+:class:`SparsePattern`: a flat list of feature ids grouped by row (the ``embedding_bag`` layout), which also
+covers BatchTopK's variable number of features per row and Matryoshka's (row, group) bags.
+
+* :func:`sparse_decode` ``out[r] = sum_e values[e] * W[idx[e]]`` over the entries ``e`` of row ``r``. Backward:
+  ``grad_values[e] = <grad_out[row(e)], W[idx(e)]>`` (a gather-dot) and
+  ``grad_W[i] = sum_{e: idx(e)=i} values[e] * grad_out[row(e)]`` (a scatter into rows, computed as an
+  ``embedding_bag`` over the entries sorted by feature, so each gradient row is written once).
+* :func:`sparse_encode` computes the dense pre-activations (the encoder matmul is dense by nature), selects, and
+  back-propagates only through the selected entries: ``grad_W_enc`` is built the same row-scatter way (the
+  encoder is stored feature-major, ``W_enc.T`` contiguous, so these rows are contiguous), ``grad_b_enc`` is a
+  bincount, and the gradient of an input-centring bias folds into a matrix-vector product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_EMBEDDING_BAG_SUM = 0  # the `mode` code of embedding_bag's "sum"
+
+
+class SparsePattern:
+    """Active (row, feature) pairs as a flat list grouped by row.
+
+    ``indices [nnz]`` are feature ids, ``offsets [n_rows]`` the start of each row's entries (rows may be empty).
+    Derived index structures (row of each entry, entries sorted by feature) are computed once, on first use.
+    """
+
+    def __init__(self, indices: Tensor, offsets: Tensor, n_rows: int, n_features: int) -> None:
+        self.indices = indices
+        self.offsets = offsets
+        self.n_rows = n_rows
+        self.n_features = n_features
+        self._rows: Tensor | None = None
+        self._by_feature: tuple[Tensor, Tensor] | None = None
+
+    @classmethod
+    def from_fixed_k(cls, indices: Tensor, n_features: int) -> SparsePattern:
+        """Pattern of a ``[n_rows, k]`` index matrix (k entries per row)."""
+        n_rows, k = indices.shape
+        offsets = torch.arange(0, n_rows * k, k, device=indices.device)
+        return cls(indices.reshape(-1), offsets, n_rows, n_features)
+
+    @classmethod
+    def from_counts(cls, indices: Tensor, counts: Tensor, n_features: int) -> SparsePattern:
+        """Pattern from flat ``indices`` and the number of entries of each row, ``counts [n_rows]``."""
+        offsets = torch.cumsum(counts, 0) - counts
+        return cls(indices, offsets, counts.numel(), n_features)
+
+    @property
+    def nnz(self) -> int:
+        return self.indices.numel()
+
+    @property
+    def rows(self) -> Tensor:
+        """Row of each entry, ``[nnz]``."""
+        if self._rows is None:
+            counts = self.counts()
+            self._rows = torch.repeat_interleave(torch.arange(self.n_rows, device=self.indices.device), counts)
+        return self._rows
+
+    def counts(self) -> Tensor:
+        """Entries per row, ``[n_rows]``."""
+        ends = torch.cat([self.offsets[1:], self.offsets.new_tensor([self.nnz])])
+        return ends - self.offsets
+
+    def by_feature(self) -> tuple[Tensor, Tensor]:
+        """``(order, feature_offsets)``: entry order sorted by feature id, and where each feature's run starts."""
+        if self._by_feature is None:
+            order = torch.argsort(self.indices)
+            counts = torch.bincount(self.indices, minlength=self.n_features)
+            self._by_feature = (order, torch.cumsum(counts, 0) - counts)
+        return self._by_feature
+
+
+def scatter_rows(src: Tensor, values: Tensor, pattern: SparsePattern) -> Tensor:
+    """``out[i] = sum_{e: idx(e)=i} values[e] * src[row(e)]``, shape ``[n_features, src.shape[1]]``."""
+    order, feature_offsets = pattern.by_feature()
+    return F.embedding_bag(
+        pattern.rows[order], src, feature_offsets, mode="sum", per_sample_weights=values[order].to(src.dtype)
+    )
+
+
+def gather_dot(grad: Tensor, weight: Tensor, pattern: SparsePattern) -> Tensor:
+    """``out[e] = <grad[row(e)], weight[idx(e)]>``, shape ``[nnz]``, without materialising the gathered rows."""
+    grad = grad.contiguous()
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad, weight, pattern.indices, pattern.offsets, pattern.rows, _EMBEDDING_BAG_SUM, -1
+    )
+
+
+def _bag_sum(values: Tensor, weight: Tensor, pattern: SparsePattern) -> Tensor:
+    return F.embedding_bag(
+        pattern.indices, weight, pattern.offsets, mode="sum", per_sample_weights=values.to(weight.dtype)
+    )
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values: Tensor, weight: Tensor, pattern: SparsePattern) -> Tensor:
+        ctx.save_for_backward(values, weight)
+        ctx.pattern = pattern
+        return _bag_sum(values, weight, pattern)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        values, weight = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
+        grad_values = gather_dot(grad_out, weight, pattern) if ctx.needs_input_grad[0] else None
+        grad_weight = scatter_rows(grad_out.contiguous(), values, pattern) if ctx.needs_input_grad[1] else None
+        return grad_values, grad_weight, None
+
+
+def sparse_decode(values: Tensor, weight: Tensor, pattern: SparsePattern) -> Tensor:
+    """``[n_rows, d]`` rows ``sum_e values[e] * weight[idx(e)]``; differentiable in ``values`` and ``weight``."""
+    if pattern.nnz == 0:
+        return weight.new_zeros(pattern.n_rows, weight.shape[1]) + 0 * values.sum()
+    return _SparseDecode.apply(values, weight, pattern)
+
+
+def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_in: Tensor | None) -> Tensor:
+    """``(x - b_in) @ W_enc + b_enc`` as one ``addmm`` (the centring folds into the bias: ``b_enc - b_in @ W_enc``)."""
+    bias = b_enc if b_in is None else torch.addmv(b_enc, W_enc.t(), b_in, alpha=-1)
+    return torch.addmm(bias, x, W_enc)
+
+
+Selector = Callable[[Tensor], tuple[Tensor, SparsePattern]]
+"""Maps dense pre-activations ``[n, d_sae]`` to (selected post-ReLU values ``[nnz]``, their pattern)."""
+
+
+class _SparseEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_in, select: Selector, out: list):
+        with torch.no_grad():
+            values, pattern = select(pre_activations(x, W_enc, b_enc, b_in))
+        out.append(pattern)
+        ctx.pattern = pattern
+        ctx.save_for_backward(x, W_enc, b_in, values)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor):
+        x, W_enc, b_in, values = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
+        # ReLU after selection: a zero value had a non-positive pre-activation and passes no gradient.
+        grad = torch.where(values > 0, grad_values, 0)
+        grad_b = torch.bincount(pattern.indices, weights=grad, minlength=pattern.n_features).to(grad.dtype)
+        grad_x = grad_w = grad_b_in = None
+        if ctx.needs_input_grad[1]:
+            grad_w_t = scatter_rows(x, grad, pattern)  # [d_sae, d_in]: feature-major like W_enc's storage
+            if b_in is not None:
+                grad_w_t.addr_(grad_b, b_in, alpha=-1)
+            grad_w = grad_w_t.t()
+        if b_in is not None and ctx.needs_input_grad[3]:
+            grad_b_in = -(W_enc @ grad_b)
+        if ctx.needs_input_grad[0]:
+            grad_x = _bag_sum(grad, W_enc.t().contiguous(), pattern)
+        return grad_x, grad_w, grad_b if ctx.needs_input_grad[2] else None, grad_b_in, None, None
+
+
+def sparse_encode(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_in: Tensor | None, select: Selector
+) -> tuple[Tensor, SparsePattern]:
+    """Dense pre-activations, then ``select``; gradients flow only through the selected entries.
+
+    Returns the selected post-ReLU values ``[nnz]`` (differentiable in ``x``, ``W_enc``, ``b_enc``, ``b_in``) and
+    their :class:`SparsePattern`.
+    """
+    out: list[SparsePattern] = []
+    values = _SparseEncode.apply(x, W_enc, b_enc, b_in, select, out)
+    return values, out[0]
+
+
+def topk_select(pre: Tensor, k: int) -> tuple[Tensor, SparsePattern]:
+    """The ``k`` largest pre-activations of each row, ReLU applied (``topk(relu(z)) == relu(topk(z))``)."""
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return values.relu_().reshape(-1), SparsePattern.from_fixed_k(indices, pre.shape[-1])
+
+
+def batch_topk_select(pre: Tensor, k: int, sort_features: bool = False) -> tuple[Tensor, SparsePattern]:
+    """The ``k * n_rows`` largest positive pre-activations of the whole batch (rows get varying counts).
+
+    Only each row's top candidates are searched: if the global threshold ``t`` (the ``k*n``-th largest candidate)
+    lies above a row's smallest candidate, that row may hide more winners, so the candidate lists grow until no
+    row does -- the result is exact, and costs one per-row ``topk`` in the usual case. Entries equal to ``t``
+    are all kept. With ``sort_features`` the entries of each row are in increasing feature order.
+    """
+    n, d_sae = pre.shape
+    total = min(k * n, n * d_sae)
+    width = min(d_sae, 2 * k)
+    while True:
+        cand_v, cand_i = pre.topk(width, dim=-1, sorted=True)
+        t = cand_v.reshape(-1).kthvalue(cand_v.numel() - total + 1).values
+        if width == d_sae or not bool((cand_v[:, -1] >= t).any()):
+            break
+        width = min(d_sae, 4 * width)
+    if sort_features:
+        cand_i, perm = cand_i.sort(dim=-1)
+        cand_v = cand_v.gather(-1, perm)
+    keep = (cand_v >= t) & (cand_v > 0)
+    pattern = SparsePattern.from_counts(cand_i[keep], keep.sum(-1), d_sae)
+    return cand_v[keep], pattern
+
+
+def threshold_select(pre: Tensor, threshold: Tensor) -> tuple[Tensor, SparsePattern]:
+    """Entries with ``pre > max(threshold, 0)`` (BatchTopK at inference), in row-major order (sorted features).
+
+    ``values`` is differentiable in ``pre`` (this is a plain gather, not a custom Function).
+    """
+    keep = pre > threshold.clamp_min(0)
+    rows, cols = keep.nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=pre.shape[0])
+    return pre[rows, cols], SparsePattern.from_counts(cols, counts, pre.shape[1])
+
+
+def dense_to_pattern(feats: Tensor) -> tuple[Tensor, SparsePattern]:
+    """The nonzero entries of dense ``feats [n, d_sae]`` (differentiable values) and their pattern."""
+    rows, cols = feats.nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=feats.shape[0])
+    return feats[rows, cols], SparsePattern.from_counts(cols, counts, feats.shape[1])
+
+
+def group_pattern(pattern: SparsePattern, boundaries: Tensor) -> SparsePattern:
+    """Split each row into groups of features (``boundaries``: increasing group ends, the last ``d_sae``).
+
+    The result has ``n_rows * n_groups`` bags in (row, group) order; it needs each row's features sorted.
+    """
+    n_groups = boundaries.numel()
+    groups = torch.bucketize(pattern.indices, boundaries, right=True)
+    bag = pattern.rows * n_groups + groups
+    starts = torch.searchsorted(bag, torch.arange(pattern.n_rows * n_groups, device=bag.device))
+    return SparsePattern(pattern.indices, starts, pattern.n_rows * n_groups, pattern.n_features)
