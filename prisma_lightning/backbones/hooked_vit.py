@@ -233,6 +233,38 @@ class HookedViT(HookedModule):
             return x
         return self.forward_head(x)
 
+    # ------------------------------------------------------------------ hook helpers
+    def stop_layer_for(self, hook_name: str) -> int | None:
+        """The smallest ``stop_at_layer`` that still runs ``hook_name`` (None: it comes after the blocks)."""
+        parts = hook_name.split(".")
+        if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit():
+            return int(parts[1]) + 1
+        if hook_name in ("hook_embed", "hook_pos_embed", "hook_full_embed") or hook_name.startswith("ln_pre."):
+            return 0
+        return None
+
+    def stop_layer_for_all(self, hook_names: list[str]) -> int | None:
+        """``stop_at_layer`` that runs every hook in ``hook_names``."""
+        stops = [self.stop_layer_for(h) for h in hook_names]
+        return None if any(s is None for s in stops) else max(stops)
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        """Zeros of the input shape (``[B, C, H, W]``, or ``[B, T, C, H, W]`` for video)."""
+        cfg = self.cfg
+        shape = (
+            (cfg.num_frames, cfg.in_channels, *cfg.image_size) if cfg.is_video else (cfg.in_channels, *cfg.image_size)
+        )
+        return torch.zeros(batch, *shape, device=self.patch_embed.weight.device, dtype=self.patch_embed.weight.dtype)
+
+    @torch.no_grad()
+    def hook_width(self, hook_name: str) -> int:
+        """Last-dimension width of a hook's activation (one tiny forward pass, stopped as early as possible)."""
+        self.resolve_hooks(hook_name)
+        _, cache = self.run_with_cache(
+            self.example_input(), names_filter=hook_name, stop_at_layer=self.stop_layer_for(hook_name)
+        )
+        return int(cache[hook_name].shape[-1])
+
     # ------------------------------------------------------------------ weight views (circuit analysis)
     def _stack(self, fn) -> torch.Tensor:
         return torch.stack([fn(block) for block in self.blocks])

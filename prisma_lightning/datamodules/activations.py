@@ -1,0 +1,192 @@
+"""`ActivationDataModule`: shuffled batches of cached activations, memory-mapped, DDP-sharded, resumable.
+
+A batch is a contiguous block of ``batch_size`` rows of one shard (rows were shuffled across images when the
+shard was written), so reads are sequential; the order of blocks is a fresh seeded permutation every epoch.
+Each rank takes a disjoint, equally long slice of that order. The DataLoader is stateful: Lightning stores its
+position in checkpoints, so a run resumed from ``last.ckpt`` continues with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from prisma_lightning.activations.shards import ActivationShards
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ActivationBlocks(IterableDataset):
+    """Yields ``[batch_size, d]`` blocks of one split in a per-epoch seeded order, for this rank and worker."""
+
+    def __init__(
+        self, shards: ActivationShards, blocks: list[tuple[int, int, int]], shuffle: bool, seed: int, dtype: str
+    ) -> None:
+        self.shards, self.blocks, self.shuffle, self.seed = shards, blocks, shuffle, seed
+        self.dtype = _DTYPES[dtype]
+        self.epoch = 0
+        self.skip = 0  # batches of this rank already consumed in this epoch (resume)
+
+    def rank_order(self) -> list[int]:
+        """Block indices of this rank for the current epoch (equal length on every rank)."""
+        order = list(range(len(self.blocks)))
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
+            order = torch.randperm(len(order), generator=gen).tolist()
+        rank, world = _dist_info()
+        per_rank = len(order) // world
+        return order[rank * per_rank : (rank + 1) * per_rank]
+
+    def __len__(self) -> int:
+        return len(self.blocks) // _dist_info()[1]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = self.rank_order()[self.skip :]
+        worker = get_worker_info()
+        if worker is not None:  # the DataLoader interleaves workers round-robin, keeping this order
+            order = order[worker.id :: worker.num_workers]
+        for i in order:
+            shard, start, stop = self.blocks[i]
+            yield self.shards.read(shard, start, stop).to(self.dtype)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over :class:`ActivationBlocks` whose position survives checkpoints (Lightning calls
+    ``state_dict`` / ``load_state_dict`` on stateful loaders)."""
+
+    def __init__(self, dataset: ActivationBlocks, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._epoch, self._skip, self._consumed = 0, 0, 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:  # type: ignore[override]
+        self.dataset.epoch, self.dataset.skip = self._epoch, self._skip
+        self._consumed = self._skip
+        for batch in super().__iter__():
+            self._consumed += 1
+            yield batch
+        self._epoch, self._skip, self._consumed = self._epoch + 1, 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "consumed": self._consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._epoch, self._skip = int(state["epoch"]), int(state["consumed"])
+
+
+class ActivationDataModule(pl.LightningDataModule):
+    """Batches of cached activations for ``SAEModule`` / ``TranscoderModule`` in cached mode.
+
+    Args:
+        path: a hook folder with ``index.json`` (``<cache root>/<hook_name>``).
+        batch_size: rows (tokens) per batch.
+        val_fraction: fraction of blocks held out for validation (the last ones, never shuffled in).
+        shuffle: shuffle block order every epoch (training split).
+        seed: base seed of the block order.
+        num_workers: DataLoader worker processes.
+        dtype: dtype of the yielded batches (shards may be stored in float16).
+        path_out: for transcoders, the folder of the output hook (same images, same order).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 4096,
+        val_fraction: float = 0.0,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+        dtype: str = "float32",
+        path_out: str | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+        self.path, self.path_out = path, path_out
+        self.batch_size, self.val_fraction, self.shuffle = batch_size, val_fraction, shuffle
+        self.seed, self.num_workers, self.dtype = seed, num_workers, dtype
+        self.shards: ActivationShards | None = None
+
+    @property
+    def d_in(self) -> int:
+        self.setup()
+        return self.shards.d
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The cache's ``index.json`` (model, hook, tokens, ...)."""
+        self.setup()
+        return self.shards.index
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.shards is not None:
+            return
+        if not Path(self.path).is_dir():
+            raise FileNotFoundError(
+                f"Activation folder {self.path} does not exist; write it first with "
+                "`prisma predict --config configs/cache/<file>.yaml`."
+            )
+        self.shards = ActivationShards(self.path)
+        blocks = self.shards.blocks(self.batch_size)
+        if not blocks:
+            raise ValueError(
+                f"{self.path} holds {self.shards.n_rows} rows, fewer than one batch of {self.batch_size} per shard."
+            )
+        n_val = int(round(len(blocks) * self.val_fraction))
+        self._train_blocks = blocks[: len(blocks) - n_val]
+        self._val_blocks = blocks[len(blocks) - n_val :]
+        if self.path_out is not None:
+            out = ActivationShards(self.path_out)
+            if [s["rows"] for s in out.shards] != [s["rows"] for s in self.shards.shards]:
+                raise ValueError(f"{self.path_out} and {self.path} do not hold the same rows per shard.")
+            self.shards_out = out
+
+    def _loader(self, blocks: list[tuple[int, int, int]], shuffle: bool) -> ResumableLoader:
+        self.setup()
+        dataset = ActivationBlocks(self.shards, blocks, shuffle, self.seed, self.dtype)
+        if self.path_out is not None:
+            dataset = PairedActivationBlocks(dataset, self.shards_out)
+        return ResumableLoader(dataset, num_workers=self.num_workers, persistent_workers=False)
+
+    def train_dataloader(self) -> ResumableLoader:
+        return self._loader(self._train_blocks, self.shuffle)
+
+    def val_dataloader(self) -> ResumableLoader | list:
+        self.setup()
+        return self._loader(self._val_blocks, False) if self._val_blocks else []
+
+    def predict_dataloader(self) -> ResumableLoader:
+        return self._loader(self._train_blocks, False)
+
+
+class PairedActivationBlocks(ActivationBlocks):
+    """(input rows, output rows) from two shard folders with identical layouts (transcoder training)."""
+
+    def __init__(self, inner: ActivationBlocks, shards_out: ActivationShards) -> None:
+        super().__init__(inner.shards, inner.blocks, inner.shuffle, inner.seed, "float32")
+        self.dtype, self.shards_out = inner.dtype, shards_out
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
+        order = self.rank_order()[self.skip :]
+        worker = get_worker_info()
+        if worker is not None:
+            order = order[worker.id :: worker.num_workers]
+        for i in order:
+            shard, start, stop = self.blocks[i]
+            x = self.shards.read(shard, start, stop).to(self.dtype)
+            y = self.shards_out.read(shard, start, stop).to(self.dtype)
+            yield x, y

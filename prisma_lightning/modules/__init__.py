@@ -1,0 +1,7 @@
+"""LightningModules: SAE and transcoder training, activation caching (the ViT trainer arrives with its issue)."""
+
+from prisma_lightning.modules.activation_cache_module import ActivationCacheModule
+from prisma_lightning.modules.sae_module import SAEModule
+from prisma_lightning.modules.transcoder_module import TranscoderModule
+
+__all__ = ["ActivationCacheModule", "SAEModule", "TranscoderModule"]
