@@ -188,8 +188,10 @@ def test_lr_schedule_warmup_and_cosine() -> None:
 @pytest.mark.parametrize("online", [True, False])
 def test_transcoder_module_trains(tmp_path, online: bool) -> None:
     hook_in, hook_out = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
-    cfg = TranscoderConfig(d_in=32, d_out=32, expansion_factor=4, architecture="topk", k=4, hook_name=hook_in,
-                           hook_name_out=hook_out, b_dec_init="mean", normalize_activations="expected_norm")  # fmt: skip
+    cfg = TranscoderConfig(
+        d_in=32, d_out=32, expansion_factor=4, architecture="topk", k=4, hook_name=hook_in, hook_name_out=hook_out,
+        b_dec_init="mean", normalize_activations="expected_norm",
+    )  # fmt: skip
     if online:
         module = TranscoderModule(cfg, backbone="test/vit-tiny", pretrained_backbone=False, buffer_tokens=512,
                                   batch_tokens=128, init_tokens=128, lr=3e-3)  # fmt: skip

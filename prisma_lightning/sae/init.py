@@ -42,8 +42,9 @@ def geometric_median(
         raise ValueError("geometric_median weights must be non-negative with a positive sum.")
     y = (w[:, None] * x).sum(0) / w.sum()
     scale = (x - y).norm(dim=1).mean().clamp_min(eps)
-    it, converged = 0, False
-    for it in range(1, max_iter + 1):
+    iterations, converged = 0, False
+    while iterations < max_iter:
+        iterations += 1
         inv = w / (x - y).norm(dim=1).clamp_min(eps)
         y_new = (inv[:, None] * x).sum(0) / inv.sum()
         moved = (y_new - y).norm()
@@ -51,7 +52,7 @@ def geometric_median(
         if moved <= tol * scale:
             converged = True
             break
-    return GeometricMedian(y.to(points.dtype), it, converged)
+    return GeometricMedian(y.to(points.dtype), iterations, converged)
 
 
 @torch.no_grad()

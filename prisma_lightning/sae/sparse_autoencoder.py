@@ -99,6 +99,9 @@ class _Pass(NamedTuple):
 class SparseAutoencoder(nn.Module):
     """A sparse autoencoder over ``d_in``-wide activations; see the module docstring for the conventions."""
 
+    _tied_init = True
+    """Initialise ``W_enc`` as ``W_dec.T`` (an SAE's encoder starts as its decoder's transpose)."""
+
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -149,8 +152,10 @@ class SparseAutoencoder(nn.Module):
         """Random unit (or ``decoder_init_norm``) decoder rows, encoder tied to the decoder, zero biases."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed)
-        w_dec = unit_rows(self.d_sae, self.d_out, float(cfg.decoder_init_norm), gen)  # type: ignore[arg-type]
-        w_enc_t = w_dec if self.d_out == self.d_in else unit_rows(self.d_sae, self.d_in, w_dec.norm(dim=1)[0], gen)
+        norm = float(cfg.decoder_init_norm)  # type: ignore[arg-type]
+        w_dec = unit_rows(self.d_sae, self.d_out, norm, gen)
+        tied = self._tied_init and self.d_out == self.d_in
+        w_enc_t = w_dec if tied else unit_rows(self.d_sae, self.d_in, norm, gen)
         self.W_dec.copy_(w_dec)
         self.W_enc.copy_(w_enc_t.t())
         for name in ("b_enc", "b_gate", "r_mag", "b_mag"):
@@ -436,7 +441,7 @@ class SparseAutoencoder(nn.Module):
         via_gate = self._add_skip(via_gate, x_n, detach=True)
         aux = (via_gate - target_n).pow(2).sum(-1).mean()
         with torch.no_grad():
-            l0 = (pi_gate > 0).sum(-1).to(feats.dtype)
+            l0 = torch.count_nonzero(feats, dim=-1).to(feats.dtype)
             fired = (feats.amax(0) > 0) if self.training else feats.new_zeros(0)
         return _Pass(recon, feats, None, sparsity, aux, None, l0, fired)
 
@@ -464,9 +469,9 @@ class SparseAutoencoder(nn.Module):
         with torch.no_grad():
             active = values > 0
             l0 = torch.bincount(pattern.rows, weights=active.to(values.dtype), minlength=pattern.n_rows)
-            fired = pattern.indices[active]
-            if self.training and arch != "topk" and active.any():
-                m = values[active].min()
+            fired = pattern.indices.masked_select(active)
+            if self.training and arch != "topk" and fired.numel():
+                m = values.masked_select(active).min()
                 rt = self.running_threshold
                 rt.copy_(torch.where(rt == 0, m, (1 - THRESHOLD_EMA) * rt + THRESHOLD_EMA * m))
         feats = self._densify(values, pattern) if return_feats else None

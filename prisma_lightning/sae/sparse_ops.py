@@ -197,7 +197,7 @@ def batch_topk_select(pre: Tensor, k: int, sort_features: bool = False) -> tuple
     width = min(d_sae, 2 * k)
     while True:
         cand_v, cand_i = pre.topk(width, dim=-1, sorted=True)
-        t = cand_v.reshape(-1).kthvalue(cand_v.numel() - total + 1).values
+        t = cand_v.reshape(-1).topk(total, sorted=False).values.min()
         if width == d_sae or not bool((cand_v[:, -1] >= t).any()):
             break
         width = min(d_sae, 4 * width)
@@ -205,8 +205,9 @@ def batch_topk_select(pre: Tensor, k: int, sort_features: bool = False) -> tuple
         cand_i, perm = cand_i.sort(dim=-1)
         cand_v = cand_v.gather(-1, perm)
     keep = (cand_v >= t) & (cand_v > 0)
-    pattern = SparsePattern.from_counts(cand_i[keep], keep.sum(-1), d_sae)
-    return cand_v[keep], pattern
+    # masked_select keeps row-major order (entries grouped by row); it is also much cheaper than x[mask] on CPU
+    pattern = SparsePattern.from_counts(cand_i.masked_select(keep), keep.sum(-1), d_sae)
+    return cand_v.masked_select(keep), pattern
 
 
 def threshold_select(pre: Tensor, threshold: Tensor) -> tuple[Tensor, SparsePattern]:
@@ -215,16 +216,15 @@ def threshold_select(pre: Tensor, threshold: Tensor) -> tuple[Tensor, SparsePatt
     ``values`` is differentiable in ``pre`` (this is a plain gather, not a custom Function).
     """
     keep = pre > threshold.clamp_min(0)
-    rows, cols = keep.nonzero(as_tuple=True)
-    counts = torch.bincount(rows, minlength=pre.shape[0])
-    return pre[rows, cols], SparsePattern.from_counts(cols, counts, pre.shape[1])
+    cols = keep.nonzero(as_tuple=True)[1]
+    return pre.masked_select(keep), SparsePattern.from_counts(cols, keep.sum(-1), pre.shape[1])
 
 
 def dense_to_pattern(feats: Tensor) -> tuple[Tensor, SparsePattern]:
     """The nonzero entries of dense ``feats [n, d_sae]`` (differentiable values) and their pattern."""
-    rows, cols = feats.nonzero(as_tuple=True)
-    counts = torch.bincount(rows, minlength=feats.shape[0])
-    return feats[rows, cols], SparsePattern.from_counts(cols, counts, feats.shape[1])
+    keep = feats != 0
+    cols = keep.nonzero(as_tuple=True)[1]
+    return feats.masked_select(keep), SparsePattern.from_counts(cols, keep.sum(-1), feats.shape[1])
 
 
 def group_pattern(pattern: SparsePattern, boundaries: Tensor) -> SparsePattern:
