@@ -122,6 +122,22 @@ class PrismaDataModule(LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    accepts_backbone_transforms: bool = False
+    """Whether a module may replace this data module's transforms with its backbone's ``preprocess()``."""
+
+    def use_transforms(self, train: Any, val: Any) -> None:
+        """Replace the per-sample transforms (e.g. by a backbone's ``preprocess()``), also on built datasets.
+
+        Called by ``SAEModule`` / ``ActivationCacheModule`` for data modules that set
+        ``accepts_backbone_transforms`` and were given no transform of their own.
+        """
+        for attr, value in (("train_transform", train), ("val_transform", val), ("transform", val)):
+            if hasattr(self, attr):
+                setattr(self, attr, value)
+        for dataset, value in ((self.train_set, train), (self.val_set, val), (self.test_set, val)):
+            if dataset is not None and hasattr(dataset, "transform"):
+                dataset.transform = value
+
     def _loader(self, dataset: Dataset | None, split: str, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(

@@ -198,6 +198,8 @@ class ImageNetDataModule(PrismaDataModule):
         seed: Seed of the ``limit_*`` subsets and of the shuffle order.
     """
 
+    accepts_backbone_transforms = True
+
     def __init__(
         self,
         root: str,

@@ -290,6 +290,8 @@ class VideoClipDataModule(PrismaDataModule):
         seed: Seed of the split and of the shuffle order.
     """
 
+    accepts_backbone_transforms = True
+
     def __init__(
         self,
         root: str,

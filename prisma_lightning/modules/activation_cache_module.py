@@ -54,6 +54,11 @@ class ActivationCacheModule(pl.LightningModule):
         cfg = self.backbone.cfg
         return tokens_per_image(cfg.n_tokens, self.tokens, cfg.n_prefix_tokens)
 
+    def setup(self, stage: str) -> None:
+        from prisma_lightning.modules.sae_module import apply_backbone_transforms
+
+        apply_backbone_transforms(self.trainer.datamodule if self._trainer is not None else None, self.backbone)
+
     def on_predict_start(self) -> None:
         self._images_seen = 0
 

@@ -25,11 +25,19 @@ from prisma_lightning.sae import SAEConfig, SAEOutput, SparseAutoencoder
 LRDecay = Literal["none", "cosine", "linear"]
 
 
+def apply_backbone_transforms(datamodule: Any, backbone: nn.Module) -> None:
+    """Give a data module that accepts them the backbone's eval preprocessing (resize, crop, mean/std)."""
+    if datamodule is not None and getattr(datamodule, "accepts_backbone_transforms", False):
+        transform = backbone.preprocess(train=False)
+        datamodule.use_transforms(transform, transform)
+
+
 class SAEModule(pl.LightningModule):
     """Train a :class:`SparseAutoencoder` (see the module docstring for online vs cached mode).
 
     Args:
-        sae: the SAE config (or an SAE object when built in code).
+        sae: the SAE config; or the path / Hugging Face repo of a trained SAE (evaluation, fine-tuning); or an
+            SAE object when built in code.
         backbone: registry name of the frozen model (or a HookedViT object); None for cached activations.
         pretrained_backbone: load the backbone's pretrained weights (False: random weights, offline).
         hook_name: hook to train on; defaults to ``sae.hook_name``.
@@ -48,11 +56,12 @@ class SAEModule(pl.LightningModule):
         checkpoint_buffer: store the buffer's contents in checkpoints so a resumed run continues exactly.
         export_dir: folder the trained SAE is exported to at the end of fit (default: ``<log_dir>/sae``); on every
             checkpoint the SAE is also exported beside the checkpoint file (``<checkpoint dir>/sae``).
+        backbone_transforms: give image / video data modules the backbone's own ``preprocess()`` (online mode).
     """
 
     def __init__(
         self,
-        sae: SAEConfig | SparseAutoencoder,
+        sae: SAEConfig | str | SparseAutoencoder,
         backbone: str | nn.Module | None = None,
         pretrained_backbone: bool = True,
         hook_name: str | None = None,
@@ -70,6 +79,7 @@ class SAEModule(pl.LightningModule):
         max_grad_norm: float | None = None,
         checkpoint_buffer: bool = True,
         export_dir: str | None = None,
+        backbone_transforms: bool = True,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -87,6 +97,7 @@ class SAEModule(pl.LightningModule):
         if lr_decay not in ("none", "cosine", "linear"):
             raise ValueError(f"lr_decay must be 'none', 'cosine' or 'linear', got {lr_decay!r}.")
         self.save_hyperparameters(ignore=["sae", "backbone"])
+        self.sae_source: str | None = None
         self.sae = self.build_sae(sae)
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
         self.hparams["sae"] = self.sae.cfg.to_dict()
@@ -100,21 +111,39 @@ class SAEModule(pl.LightningModule):
         self.lr_decay_steps, self.min_lr_ratio = lr_decay_steps, min_lr_ratio
         self.buffer_tokens, self.batch_tokens, self.init_tokens = buffer_tokens, batch_tokens, init_tokens
         self.max_grad_norm, self.checkpoint_buffer, self.export_dir = max_grad_norm, checkpoint_buffer, export_dir
-        self.pretrained_backbone = pretrained_backbone
+        self.pretrained_backbone, self.backbone_transforms = pretrained_backbone, backbone_transforms
         self._backbone_spec = backbone
         self._backbone: nn.Module | None = None  # kept out of the module tree: frozen, never checkpointed
         self.buffer: MixingBuffer | None = None
         self._pending_init: list[Tensor] = []
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        # A loaded (trained) SAE keeps its normalisation and b_dec; a fresh one is initialised from data.
+        self.register_buffer("initialized", torch.tensor(self.sae_source is not None))
         self.automatic_optimization = False
 
     # ------------------------------------------------------------------ construction (overridable)
-    def build_sae(self, sae: SAEConfig | SparseAutoencoder | dict[str, Any]) -> SparseAutoencoder:
-        """The SAE to train, from a config (or its dict, as stored in checkpoints) or as given."""
+    def build_sae(self, sae: SAEConfig | SparseAutoencoder | dict[str, Any] | str) -> SparseAutoencoder:
+        """The SAE to train: from a config (or its dict, as stored in checkpoints), as given, or loaded from a
+        trained folder / Hugging Face repo id (a string; used by ``prisma validate`` to evaluate an SAE)."""
+        if isinstance(sae, str):
+            self.sae_source = sae
+            if Path(sae).exists():
+                return SparseAutoencoder.load(sae)
+            return SparseAutoencoder.from_pretrained(sae)
         if isinstance(sae, dict):
             sae = SAEConfig.from_dict(sae)
         return sae if isinstance(sae, SparseAutoencoder) else SparseAutoencoder(sae)
+
+    def sae_folder(self) -> Path:
+        """Where this SAE's files (and ``eval.json``) live: the folder it was loaded from, or its export folder."""
+        source = getattr(self, "sae_source", None)
+        if source is not None and Path(source).is_dir():
+            return Path(source)
+        if self.export_dir:
+            return Path(self.export_dir)
+        if self._trainer is not None:
+            return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "sae"
+        return Path("sae")
 
     @property
     def backbone(self) -> nn.Module | None:
@@ -141,6 +170,8 @@ class SAEModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.online:
             self.check_hook()
+            if self.backbone_transforms:
+                apply_backbone_transforms(self.trainer.datamodule if self._trainer is not None else None, self.backbone)
 
     def check_hook(self) -> None:
         """Fail early, naming both widths, when the hook does not exist or ``d_in`` does not match it."""
@@ -331,8 +362,7 @@ class SAEModule(pl.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
-            folder = self.export_dir or str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "sae")
-            self.export(folder)
+            self.export(self.sae_folder())
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Any, batch_idx: int) -> None:
