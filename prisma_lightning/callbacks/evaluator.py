@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from prisma_lightning.metrics import CERecovered, ExplainedVariance, FeatureFiring, L0, MeanCosineSimilarity
+from prisma_lightning.metrics import L0, CERecovered, ExplainedVariance, FeatureFiring, MeanCosineSimilarity
 from prisma_lightning.utils import atomic_path
 
 CESource = Literal["auto", "head", "zero_shot", "linear_probe", "none"]

@@ -451,7 +451,7 @@ class SparseAutoencoder(nn.Module):
         if arch == "topk":
             select = lambda pre: topk_select(pre, cfg.k)  # noqa: E731
         elif self.training:
-            select = lambda pre: batch_topk_select(pre, cfg.k, sort_features=matryoshka)  # noqa: E731
+            select = lambda pre: batch_topk_select(pre, cfg.k)  # noqa: E731
         else:
             threshold = self.running_threshold
             select = lambda pre: threshold_select(pre, threshold)  # noqa: E731

@@ -17,6 +17,7 @@ covers BatchTopK's variable number of features per row and Matryoshka's (row, gr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -184,30 +185,52 @@ def topk_select(pre: Tensor, k: int) -> tuple[Tensor, SparsePattern]:
     return values.relu_().reshape(-1), SparsePattern.from_fixed_k(indices, pre.shape[-1])
 
 
-def batch_topk_select(pre: Tensor, k: int, sort_features: bool = False) -> tuple[Tensor, SparsePattern]:
+def batch_topk_select(pre: Tensor, k: int) -> tuple[Tensor, SparsePattern]:
     """The ``k * n_rows`` largest positive pre-activations of the whole batch (rows get varying counts).
 
-    Only each row's top candidates are searched: if the global threshold ``t`` (the ``k*n``-th largest candidate)
-    lies above a row's smallest candidate, that row may hide more winners, so the candidate lists grow until no
-    row does -- the result is exact, and costs one per-row ``topk`` in the usual case. Entries equal to ``t``
-    are all kept. With ``sort_features`` the entries of each row are in increasing feature order.
+    Exact without sorting the ``n * d_sae`` entries: a strided sample gives a level ``lo`` a little below the
+    selection threshold, the entries above ``lo`` (about twice as many as needed) are gathered in row-major
+    order, and the exact threshold ``t`` is found among them; ``lo`` is lowered if too few entries pass. Entries
+    equal to ``t`` are all kept. Entries come grouped by row with increasing feature ids within a row.
     """
     n, d_sae = pre.shape
-    total = min(k * n, n * d_sae)
-    width = min(d_sae, 2 * k)
+    flat = pre.reshape(-1)
+    total = min(k * n, flat.numel())
+    stride = max(1, flat.numel() // 65536)
+    while math.gcd(stride, d_sae) != 1:  # a stride sharing a factor with d_sae would sample few features
+        stride += 1
+    sample = flat[::stride]
+    want = 2.0 * total / flat.numel()
     while True:
-        cand_v, cand_i = pre.topk(width, dim=-1, sorted=True)
-        t = cand_v.reshape(-1).topk(total, sorted=False).values.min()
-        if width == d_sae or not bool((cand_v[:, -1] >= t).any()):
+        n_top = math.ceil(want * sample.numel()) + 8
+        if n_top < sample.numel():
+            lo = sample.topk(n_top, sorted=False).values.min().clamp_min(0)
+        else:
+            lo = flat.new_zeros(())
+        where = _flat_nonzero(pre > lo)
+        if where.numel() >= total or bool(lo <= 0):
             break
-        width = min(d_sae, 4 * width)
-    if sort_features:
-        cand_i, perm = cand_i.sort(dim=-1)
-        cand_v = cand_v.gather(-1, perm)
-    keep = (cand_v >= t) & (cand_v > 0)
-    # masked_select keeps row-major order (entries grouped by row); it is also much cheaper than x[mask] on CPU
-    pattern = SparsePattern.from_counts(cand_i.masked_select(keep), keep.sum(-1), d_sae)
-    return cand_v.masked_select(keep), pattern
+        want *= 4
+    values = flat.index_select(0, where)
+    if where.numel() > total:
+        chosen = (values >= values.topk(total, sorted=False).values.min()).nonzero().squeeze(1)
+        values, where = values.index_select(0, chosen), where.index_select(0, chosen)
+    return values, _pattern_from_flat(where, n, d_sae)
+
+
+def _flat_nonzero(mask: Tensor) -> Tensor:
+    """Flat (row-major, hence sorted) positions of the True entries of ``mask``.
+
+    ``nonzero`` plus a gather is far cheaper on CPU than ``masked_select`` or ``x[mask]`` on large tensors.
+    """
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _pattern_from_flat(where: Tensor, n_rows: int, n_features: int) -> SparsePattern:
+    rows = torch.div(where, n_features, rounding_mode="floor")
+    pattern = SparsePattern.from_counts(where - rows * n_features, torch.bincount(rows, minlength=n_rows), n_features)
+    pattern._rows = rows
+    return pattern
 
 
 def threshold_select(pre: Tensor, threshold: Tensor) -> tuple[Tensor, SparsePattern]:
@@ -215,16 +238,14 @@ def threshold_select(pre: Tensor, threshold: Tensor) -> tuple[Tensor, SparsePatt
 
     ``values`` is differentiable in ``pre`` (this is a plain gather, not a custom Function).
     """
-    keep = pre > threshold.clamp_min(0)
-    cols = keep.nonzero(as_tuple=True)[1]
-    return pre.masked_select(keep), SparsePattern.from_counts(cols, keep.sum(-1), pre.shape[1])
+    where = _flat_nonzero(pre > threshold.clamp_min(0))
+    return pre.reshape(-1)[where], _pattern_from_flat(where, *pre.shape)
 
 
 def dense_to_pattern(feats: Tensor) -> tuple[Tensor, SparsePattern]:
     """The nonzero entries of dense ``feats [n, d_sae]`` (differentiable values) and their pattern."""
-    keep = feats != 0
-    cols = keep.nonzero(as_tuple=True)[1]
-    return feats.masked_select(keep), SparsePattern.from_counts(cols, keep.sum(-1), feats.shape[1])
+    where = _flat_nonzero(feats != 0)
+    return feats.reshape(-1)[where], _pattern_from_flat(where, *feats.shape)
 
 
 def group_pattern(pattern: SparsePattern, boundaries: Tensor) -> SparsePattern:
