@@ -1,0 +1,81 @@
+"""Every YAML under configs/ (SAE and cache experiments) parses, and the runnable ones run on tiny settings."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+
+from prisma_lightning.cli import PrismaCLI
+
+ROOT = Path(__file__).resolve().parents[1]
+SAE_AND_CACHE = sorted((ROOT / "configs" / "sae").rglob("*.yaml")) + sorted((ROOT / "configs" / "cache").glob("*.yaml"))
+
+
+def subcommand(path: Path) -> str:
+    return "predict" if path.parent.name == "cache" else "fit"
+
+
+@pytest.fixture(scope="module")
+def parser():
+    """One LightningCLI parser (building it is the slow part); each file is then parsed and validated with it."""
+    cli = PrismaCLI(args=["--config", str(ROOT / "configs/sae/cached_shards.yaml"), "--trainer.logger", "false"],
+                    run=False)  # fmt: skip
+    return cli.parser
+
+
+@pytest.mark.parametrize("path", SAE_AND_CACHE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_config_parses(parser, path: Path) -> None:
+    cfg = parser.parse_args(["--config", str(path)])
+    assert cfg.model.class_path.startswith("prisma_lightning.modules.")
+    init = cfg.model.init_args
+    if "sae" in init:
+        assert init.sae.hook_name.startswith("blocks.")
+        assert init.sae.d_in > 0
+    else:
+        assert init.hook_names and all(h.startswith("blocks.") for h in init.hook_names)
+    if subcommand(path) == "predict":
+        assert any(c.class_path.endswith("ActivationWriter") for c in cfg.trainer.callbacks)
+
+
+def test_print_config_of_one_experiment() -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        PrismaCLI(args=["fit", "--config", str(ROOT / "configs/sae/dinov2_small_imagenet.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "backbone: facebook/dinov2-small" in out.getvalue()
+
+
+def test_clip_table_configs_cover_every_layer_and_hook() -> None:
+    names = {p.stem for p in (ROOT / "configs" / "sae" / "clip-b32-imagenet").glob("*.yaml")}
+    assert names == {f"layer{i:02d}_{h}" for i in range(12) for h in ("resid_post", "mlp_out")}
+
+
+def test_videomae_movingsprites_config_runs_with_a_tiny_video_backbone(tmp_path) -> None:
+    args = [
+        "fit", "--config", str(ROOT / "configs/sae/videomae_movingsprites.yaml"),
+        "--model.init_args.backbone", "test/video-tiny",
+        "--model.init_args.pretrained_backbone", "false",
+        "--model.init_args.sae.d_in", "32",
+        "--model.init_args.sae.hook_name", "blocks.1.hook_resid_post",
+        "--model.init_args.batch_tokens", "64",
+        "--model.init_args.buffer_tokens", "256",
+        "--model.init_args.init_tokens", "128",
+        "--data.init_args.root", str(tmp_path / "sprites"),
+        "--data.init_args.n_per_class", "3",
+        "--data.init_args.video_frames", "8",
+        "--data.init_args.size", "32",
+        "--data.init_args.frames", "4",
+        "--data.init_args.image_size", "16",
+        "--data.init_args.batch_size", "2",
+        "--trainer.max_steps", "4",
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    cli = PrismaCLI(args=args)
+    assert cli.trainer.global_step == 4
+    version = tmp_path / "run" / "lightning_logs" / "version_0"
+    assert (version / "sae" / "cfg.json").is_file()  # exported at the end of fit
+    assert (version / "checkpoints" / "last.ckpt").is_file()
