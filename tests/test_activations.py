@@ -143,17 +143,21 @@ def test_data_module_loader_resumes_mid_epoch(tmp_path) -> None:
     assert_close(torch.stack(first + rest), torch.stack(full))
 
 
-def test_data_module_splits_ranks_disjointly(tmp_path, monkeypatch) -> None:
+def test_data_module_splits_every_global_batch_over_ranks(tmp_path, monkeypatch) -> None:
     import prisma_lightning.datamodules.activations as mod
 
     write_shards(tmp_path, n_images=12, tpi=4, images_per_shard=6)
     dm = ActivationDataModule(str(tmp_path), batch_size=4, seed=1)
     dm.setup("fit")
-    seen = []
+    single = list(dm.train_dataloader())
+    per_rank = []
     for rank in range(2):
         monkeypatch.setattr(mod, "_dist_info", lambda r=rank: (r, 2))
-        seen.append({tuple(b[0].tolist()) for b in dm.train_dataloader()})
-    assert len(seen[0]) == len(seen[1]) == 6 and not seen[0] & seen[1]
+        per_rank.append(list(dm.train_dataloader()))
+    assert len(per_rank[0]) == len(per_rank[1]) == len(single) == 12
+    for whole, a, b in zip(single, *per_rank, strict=True):
+        assert a.shape == (2, 6) and b.shape == (2, 6)
+        assert_close(torch.cat([a, b]), whole)  # the two ranks together see exactly the one-process batch
 
 
 def test_data_module_errors(tmp_path) -> None:

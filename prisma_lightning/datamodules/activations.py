@@ -2,8 +2,8 @@
 
 A batch is a contiguous block of ``batch_size`` rows of one shard (rows were shuffled across images when the
 shard was written), so reads are sequential; the order of blocks is a fresh seeded permutation every epoch.
-Each rank takes a disjoint, equally long slice of that order. The DataLoader is stateful: Lightning stores its
-position in checkpoints, so a run resumed from ``last.ckpt`` continues with exactly the next batch.
+``batch_size`` is global: under DDP every rank reads its own equal slice of each block. The DataLoader is
+stateful: Lightning stores its position in checkpoints, so a run resumed from ``last.ckpt`` continues with exactly the next batch.
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ def _dist_info() -> tuple[int, int]:
 
 
 class ActivationBlocks(IterableDataset):
-    """Yields ``[batch_size, d]`` blocks of one split in a per-epoch seeded order, for this rank and worker."""
+    """Yields blocks of one split in a per-epoch seeded order; under DDP each rank gets its slice of every block.
+
+    ``batch_size`` is the global batch: with ``W`` processes each rank reads rows ``[r*B/W, (r+1)*B/W)`` of the
+    same block, so a DDP run sees exactly the batches of a one-process run with the same ``batch_size``.
+    """
 
     def __init__(
         self, shards: ActivationShards, blocks: list[tuple[int, int, int]], shuffle: bool, seed: int, dtype: str
@@ -38,27 +42,36 @@ class ActivationBlocks(IterableDataset):
         self.epoch = 0
         self.skip = 0  # batches of this rank already consumed in this epoch (resume)
 
-    def rank_order(self) -> list[int]:
-        """Block indices of this rank for the current epoch (equal length on every rank)."""
+    def epoch_order(self) -> list[int]:
+        """Block indices for the current epoch (the same on every rank), minus those already consumed."""
         order = list(range(len(self.blocks)))
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
             order = torch.randperm(len(order), generator=gen).tolist()
-        rank, world = _dist_info()
-        per_rank = len(order) // world
-        return order[rank * per_rank : (rank + 1) * per_rank]
-
-    def __len__(self) -> int:
-        return len(self.blocks) // _dist_info()[1]
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        order = self.rank_order()[self.skip :]
+        order = order[self.skip :]
         worker = get_worker_info()
         if worker is not None:  # the DataLoader interleaves workers round-robin, keeping this order
             order = order[worker.id :: worker.num_workers]
-        for i in order:
-            shard, start, stop = self.blocks[i]
-            yield self.shards.read(shard, start, stop).to(self.dtype)
+        return order
+
+    def rank_rows(self, start: int, stop: int) -> tuple[int, int]:
+        """This rank's slice of the rows ``[start, stop)`` of a global batch."""
+        rank, world = _dist_info()
+        per_rank = (stop - start) // world
+        if per_rank == 0:
+            raise ValueError(f"A batch of {stop - start} rows cannot be split over {world} processes.")
+        return start + rank * per_rank, start + (rank + 1) * per_rank
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def read_block(self, shards: ActivationShards, i: int) -> torch.Tensor:
+        shard, start, stop = self.blocks[i]
+        return shards.read(shard, *self.rank_rows(start, stop)).to(self.dtype)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in self.epoch_order():
+            yield self.read_block(self.shards, i)
 
 
 class ResumableLoader(DataLoader):
@@ -89,7 +102,7 @@ class ActivationDataModule(pl.LightningDataModule):
 
     Args:
         path: a hook folder with ``index.json`` (``<cache root>/<hook_name>``).
-        batch_size: rows (tokens) per batch.
+        batch_size: rows (tokens) per global batch (split evenly over DDP processes).
         val_fraction: fraction of blocks held out for validation (the last ones, never shuffled in).
         shuffle: shuffle block order every epoch (training split).
         seed: base seed of the block order.
@@ -181,12 +194,5 @@ class PairedActivationBlocks(ActivationBlocks):
         self.dtype, self.shards_out = inner.dtype, shards_out
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
-        order = self.rank_order()[self.skip :]
-        worker = get_worker_info()
-        if worker is not None:
-            order = order[worker.id :: worker.num_workers]
-        for i in order:
-            shard, start, stop = self.blocks[i]
-            x = self.shards.read(shard, start, stop).to(self.dtype)
-            y = self.shards_out.read(shard, start, stop).to(self.dtype)
-            yield x, y
+        for i in self.epoch_order():
+            yield self.read_block(self.shards, i), self.read_block(self.shards_out, i)

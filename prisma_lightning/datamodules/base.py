@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 OnBad = Literal["skip", "raise"]
 
@@ -148,11 +148,11 @@ class PrismaDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=GlobalBatchSampler(dataset, self.batch_size, seed=self.seed, shuffle=shuffle),
             num_workers=self.num_workers,
             pin_memory=pin,
             persistent_workers=self.persistent_workers,
-            # A seeded generator makes the shuffle order (and each worker's base seed) reproducible.
+            # A seeded generator makes each worker's base seed reproducible.
             generator=torch.Generator().manual_seed(self.seed),
         )
 
@@ -168,6 +168,49 @@ class PrismaDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The validation split, in order."""
         return self._loader(self.val_set, "validation", shuffle=False)
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+class GlobalBatchSampler(DistributedSampler):
+    """A seeded permutation per epoch, split so that DDP processes together see one process's batches.
+
+    With ``W`` processes and a per-process ``batch_size`` B, global batch ``t`` is positions ``[tWB, (t+1)WB)`` of
+    the epoch's permutation (``seed + epoch``) and rank ``r`` gets its ``r``-th slice of B. A run on ``W``
+    processes with batch B therefore trains on exactly the batches of a one-process run with batch ``W * B``.
+    Under DDP the last incomplete global batch is dropped so every rank takes the same number of steps.
+    Lightning calls ``set_epoch`` and, since this is a ``DistributedSampler``, does not replace it.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if dist else 1
+        rank = torch.distributed.get_rank() if dist else 0
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+
+    def _order(self) -> list[int]:
+        n = len(self.dataset)
+        if not self.shuffle:
+            return list(range(n))
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(n, generator=gen).tolist()
+
+    def __iter__(self):
+        order = self._order()
+        if self.num_replicas == 1:
+            return iter(order)
+        global_batch = self.batch_size * self.num_replicas
+        mine: list[int] = []
+        for start in range(0, len(order) // global_batch * global_batch, global_batch):
+            first = start + self.rank * self.batch_size
+            mine += order[first : first + self.batch_size]
+        return iter(mine)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        if self.num_replicas == 1:
+            return n
+        return n // (self.batch_size * self.num_replicas) * self.batch_size
 
 
 # ---------------------------------------------------------------------------------------------- bad files

@@ -265,10 +265,36 @@ class SAEModule(pl.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         self.sae.after_optimizer_step()
+        self._sync_sae_state()
         scheduler.step()
         self.tokens_seen += rows.shape[0]
         self.log_step(x, target, out)
         return out
+
+    # ------------------------------------------------------------------ DDP
+    def _world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _gather(self, rows: Tensor) -> Tensor:
+        """Rows of every rank (the same initialisation sample everywhere, as in a one-process run)."""
+        if self._world() == 1:
+            return rows
+        return self.all_gather(rows).reshape(-1, rows.shape[-1])
+
+    @torch.no_grad()
+    def _sync_sae_state(self) -> None:
+        """Make the SAE's training statistics global, so every rank (and a one-process run) agrees.
+
+        A feature fired if it fired on any rank (``steps_since_fired``: min over ranks); the BatchTopK running
+        threshold is averaged. Parameters need no sync: DDP averages their gradients.
+        """
+        if self._world() == 1 or not torch.distributed.is_initialized():
+            return
+        torch.distributed.all_reduce(self.sae.steps_since_fired, op=torch.distributed.ReduceOp.MIN)
+        threshold = getattr(self.sae, "running_threshold", None)
+        if threshold is not None:
+            torch.distributed.all_reduce(threshold, op=torch.distributed.ReduceOp.SUM)
+            threshold.div_(self._world())
 
     def log_step(self, x: Tensor, target: Tensor | None, out: SAEOutput) -> None:
         y = x if target is None else target
@@ -303,7 +329,7 @@ class SAEModule(pl.LightningModule):
                 return None
             sample = torch.cat(self._pending_init)
             self._pending_init = []
-            self.initialize_sae(sample[: self.init_tokens])
+            self.initialize_sae(self._gather(sample[: self.init_tokens]))
             rows = sample
         if not self.online:
             self.sae_step(rows)
