@@ -1,6 +1,17 @@
 """Lightning callbacks (activation writing; evaluation, resampling, density plots and uploads follow)."""
 
 from prisma_lightning.callbacks.activation_writer import ActivationWriter
+from prisma_lightning.callbacks.density import FeatureDensityLogger
 from prisma_lightning.callbacks.evaluator import LinearProbe, SAEEvaluator, format_table
+from prisma_lightning.callbacks.hub_uploader import HubUploader
+from prisma_lightning.callbacks.resampler import DeadFeatureResampler
 
-__all__ = ["ActivationWriter", "LinearProbe", "SAEEvaluator", "format_table"]
+__all__ = [
+    "ActivationWriter",
+    "DeadFeatureResampler",
+    "FeatureDensityLogger",
+    "HubUploader",
+    "LinearProbe",
+    "SAEEvaluator",
+    "format_table",
+]

@@ -3,7 +3,8 @@
 A batch is a contiguous block of ``batch_size`` rows of one shard (rows were shuffled across images when the
 shard was written), so reads are sequential; the order of blocks is a fresh seeded permutation every epoch.
 ``batch_size`` is global: under DDP every rank reads its own equal slice of each block. The DataLoader is
-stateful: Lightning stores its position in checkpoints, so a run resumed from ``last.ckpt`` continues with exactly the next batch.
+stateful: Lightning stores its position in checkpoints, so a run resumed from ``last.ckpt`` continues with
+exactly the next batch.
 """
 
 from __future__ import annotations

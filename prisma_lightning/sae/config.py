@@ -74,6 +74,9 @@ class SAEConfig:
     """Width of the rectangle kernel of JumpReLU's straight-through estimator (in pre-activation units)."""
     jumprelu_init_threshold: float = 1e-3
     """Initial JumpReLU threshold of every feature."""
+    jumprelu_pre_act_coefficient: float = 0.0
+    """JumpReLU: weight of Anthropic's pre-activation loss on dead features, ``sum_i relu(theta_i - z_i) *
+    ||W_dec[i]||`` averaged over tokens, which pulls their pre-activations up to the threshold (0: off)."""
     matryoshka_prefixes: list[int] | None = None
     """Prefix lengths of the nested dictionaries of ``matryoshka_batchtopk``, increasing; ``d_sae`` is appended if
     missing. Default: ``d_sae/16, d_sae/8, d_sae/4, d_sae/2, d_sae``."""
@@ -140,7 +143,7 @@ class SAEConfig:
                 f"k={self.k} must satisfy 0 < k <= d_sae={self.d_sae} for architecture {self.architecture!r}; "
                 "lower k or raise d_sae."
             )
-        for name in ("l1_coefficient", "l0_coefficient", "aux_k_coefficient"):
+        for name in ("l1_coefficient", "l0_coefficient", "aux_k_coefficient", "jumprelu_pre_act_coefficient"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.l1_warmup_steps < 0:

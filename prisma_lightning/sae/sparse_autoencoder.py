@@ -76,7 +76,8 @@ class SAEOutput(NamedTuple):
     sparsity_loss: Tensor
     """Coefficient times the L1 (relu, gated: weighted by decoder row norms) or L0 (jumprelu) penalty; 0 else."""
     aux_loss: Tensor
-    """AuxK (TopK family), ghost grads (relu) or the gated via-gate reconstruction loss; 0 if none applies."""
+    """AuxK (TopK family), ghost grads (relu), the gated via-gate reconstruction loss or the JumpReLU pre-activation
+    loss; 0 if none applies."""
     prefix_loss: Tensor
     """matryoshka_batchtopk: sum of the MSEs of the proper dictionary prefixes; 0 otherwise."""
     l0: Tensor
@@ -90,7 +91,7 @@ class _Pass(NamedTuple):
     feats: Tensor | None
     codes: SparseCodes | None
     sparsity: Tensor
-    aux_gated: Tensor | None
+    aux_extra: Tensor | None  # gated via-gate loss, JumpReLU pre-activation loss
     prefix: Tensor | None
     l0: Tensor
     fired: Tensor  # ids or mask of features active in this batch
@@ -394,7 +395,7 @@ class SparseAutoencoder(nn.Module):
         mse_tok = (p.recon - target_n).pow(2).sum(-1)
         mse = mse_tok.mean()
         zero = mse.new_zeros(())
-        aux = p.aux_gated if p.aux_gated is not None else zero
+        aux = p.aux_extra if p.aux_extra is not None else zero
         if self.training:
             aux = aux + self._dead_feature_loss(x_n, target_n, p.recon, mse_tok)
             self._record_firing(p.fired)
@@ -423,7 +424,13 @@ class SparseAutoencoder(nn.Module):
         sparsity = self.sparsity_coefficient(step_) * active.mean()
         recon = self._add_skip(torch.addmm(self.b_dec, feats, self.W_dec), x_n)
         fired = (feats.detach().amax(0) > 0) if self.training else feats.new_zeros(0)
-        return _Pass(recon, feats, None, sparsity, None, None, active.detach(), fired)
+        aux = None
+        if self.training and self.cfg.jumprelu_pre_act_coefficient > 0:
+            dead = self.dead_features()
+            if dead.numel():  # pull dead features' pre-activations up to their thresholds
+                gap = (theta[dead] - pre[:, dead]).relu() * self.W_dec[dead].norm(dim=1)
+                aux = self.cfg.jumprelu_pre_act_coefficient * gap.sum(-1).mean()
+        return _Pass(recon, feats, None, sparsity, aux, None, active.detach(), fired)
 
     def _gated_parts(self, x_n: Tensor) -> tuple[Tensor, Tensor]:
         b_in = self._input_bias()
