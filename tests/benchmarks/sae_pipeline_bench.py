@@ -1,0 +1,122 @@
+"""Benchmarks (c) and (d) of the SAE issue, used by ``bench_sae.py``:
+
+(c) ``Trainer.fit`` of ``SAEModule`` over cached activations / a raw PyTorch loop on the same SAE and batches.
+(d) ``ActivationDataModule`` read throughput / a raw sequential read of the same shard bytes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def write_shards(folder: Path, rows: int, d: int, tokens_per_image: int = 64) -> Path:
+    from prisma_lightning.activations import ShardWriter
+
+    writer = ShardWriter(folder, d=d, tokens_per_image=tokens_per_image, images_per_shard=512, shuffle=False)
+    images = rows // tokens_per_image
+    gen = torch.Generator().manual_seed(0)
+    for start in range(0, images, 256):
+        n = min(256, images - start)
+        writer.add(torch.randn(n * tokens_per_image, d, generator=gen), n)
+    writer.close()
+    return folder
+
+
+def lightning_vs_raw(d_in: int = 768, expansion: int = 16, batch: int = 2048, steps: int = 12, k: int = 64) -> dict:
+    """Seconds per SAE step in ``Trainer.fit`` vs a hand-written loop (medians of the same number of steps)."""
+    import lightning.pytorch as pl
+
+    from prisma_lightning.datamodules.activations import ActivationDataModule
+    from prisma_lightning.modules import SAEModule
+    from prisma_lightning.sae import SAEConfig, SparseAutoencoder
+
+    cfg = SAEConfig(d_in=d_in, expansion_factor=expansion, architecture="topk", k=k, b_dec_init="zeros")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_shards(Path(tmp) / "acts", rows=batch * (steps + 2), d=d_in)
+        dm = ActivationDataModule(str(folder), batch_size=batch, shuffle=False)
+
+        step_times: list[float] = []
+
+        class Timer(pl.Callback):
+            def on_train_batch_start(self, *args):
+                self.start = time.perf_counter()
+
+            def on_train_batch_end(self, *args):
+                step_times.append(time.perf_counter() - self.start)
+
+        module = SAEModule(SparseAutoencoder(cfg), init_tokens=batch)
+        trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[Timer()], accelerator="cpu", devices=1)  # fmt: skip
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        fit_total = time.perf_counter() - start
+
+        sae = SparseAutoencoder(cfg)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=4e-4)
+        dm2 = ActivationDataModule(str(folder), batch_size=batch, shuffle=False)
+        dm2.setup("fit")
+        raw_times = []
+        start = time.perf_counter()
+        for i, x in enumerate(dm2.train_dataloader()):
+            if i >= steps:
+                break
+            t0 = time.perf_counter()
+            out = sae(x, step=i, return_feats=False)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            sae.before_optimizer_step()
+            optimizer.step()
+            sae.after_optimizer_step()
+            raw_times.append(time.perf_counter() - t0)
+        raw_total = time.perf_counter() - start
+    # The first step of each includes one-off work (initialisation); compare the steady-state medians.
+    fit_med, raw_med = statistics.median(step_times[1:]), statistics.median(raw_times[1:])
+    return {"fit_step_s": fit_med, "raw_step_s": raw_med, "ratio": fit_med / raw_med,
+            "fit_total_s": fit_total, "raw_total_s": raw_total}  # fmt: skip
+
+
+def shard_read_vs_raw(rows: int = 400_000, d: int = 768, batch: int = 4096, repeats: int = 5) -> dict:
+    """GB/s of ``ActivationDataModule`` iteration vs raw sequential reads of the same shard files (page cache warm)."""
+    from prisma_lightning.datamodules.activations import ActivationDataModule
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_shards(Path(tmp) / "acts", rows=rows, d=d)
+        files = sorted(folder.glob("shard_*.npy"))
+        n_bytes = sum(f.stat().st_size for f in files)
+        dm = ActivationDataModule(str(folder), batch_size=batch, shuffle=True)
+        dm.setup("fit")
+
+        def ours() -> int:
+            return sum(x.numel() * x.element_size() for x in dm.train_dataloader())
+
+        buffer = bytearray(max(f.stat().st_size for f in files))
+
+        def raw() -> int:  # the floor: sequential reads of every shard file into one preallocated buffer
+            total = 0
+            for f in files:
+                with open(f, "rb", buffering=0) as fh:
+                    total += fh.readinto(buffer)
+            return total
+
+        ours(), raw()  # warm the page cache
+        t_ours, t_raw, got = [], [], 0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            got = ours()
+            t_ours.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            raw()
+            t_raw.append(time.perf_counter() - t0)
+    ours_gbs = got / statistics.median(t_ours) / 1e9
+    raw_gbs = n_bytes / statistics.median(t_raw) / 1e9
+    return {"ours_GBps": ours_gbs, "raw_GBps": raw_gbs, "ratio": ours_gbs / raw_gbs, "bytes": n_bytes}
+
+
+if __name__ == "__main__":
+    print(lightning_vs_raw(steps=6))
+    print(shard_read_vs_raw(rows=100_000))
