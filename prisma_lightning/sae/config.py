@@ -18,6 +18,7 @@ Normalization = Literal["none", "expected_norm", "layer_norm"]
 BDecInit = Literal["zeros", "mean", "geometric_median"]
 DecoderNorm = Literal["unit", "free"]
 Tokens = Literal["all", "cls", "patches"]
+JumpReLUSparsity = Literal["step", "tanh"]
 
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 TOPK_FAMILY: tuple[str, ...] = ("topk", "batchtopk", "matryoshka_batchtopk")
@@ -74,6 +75,11 @@ class SAEConfig:
     """Width of the rectangle kernel of JumpReLU's straight-through estimator (in pre-activation units)."""
     jumprelu_init_threshold: float = 1e-3
     """Initial JumpReLU threshold of every feature."""
+    jumprelu_sparsity_loss: JumpReLUSparsity = "step"
+    """JumpReLU penalty: ``step`` is the L0 count with the step-function STE (Rajamanoharan et al.); ``tanh`` is
+    Anthropic's smooth ``sum_i tanh(scale * f_i * ||W_dec[i]||)``, which also trains the encoder directly."""
+    jumprelu_tanh_scale: float = 4.0
+    """``scale`` of the ``tanh`` JumpReLU penalty."""
     jumprelu_pre_act_coefficient: float = 0.0
     """JumpReLU: weight of Anthropic's pre-activation loss on dead features, ``sum_i relu(theta_i - z_i) *
     ||W_dec[i]||`` averaged over tokens, which pulls their pre-activations up to the threshold (0: off)."""
@@ -124,6 +130,7 @@ class SAEConfig:
         _check_choice("normalize_activations", self.normalize_activations, get_args(Normalization))
         _check_choice("b_dec_init", self.b_dec_init, get_args(BDecInit))
         _check_choice("tokens", self.tokens, get_args(Tokens))
+        _check_choice("jumprelu_sparsity_loss", self.jumprelu_sparsity_loss, get_args(JumpReLUSparsity))
         if self.d_in <= 0:
             raise ValueError(f"d_in must be positive, got {self.d_in}.")
         if self.d_sae is None:
@@ -150,7 +157,7 @@ class SAEConfig:
             raise ValueError(f"l1_warmup_steps must be >= 0, got {self.l1_warmup_steps}.")
         if self.dead_feature_window <= 0:
             raise ValueError(f"dead_feature_window must be a positive number of steps, got {self.dead_feature_window}.")
-        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
+        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold", "jumprelu_tanh_scale"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
         if self.decoder_norm is None:

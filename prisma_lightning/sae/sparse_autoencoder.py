@@ -421,7 +421,11 @@ class SparseAutoencoder(nn.Module):
         theta, bw = self.threshold, self.cfg.jumprelu_bandwidth
         feats = jumprelu(pre, theta, bw)
         active = step(pre, theta, bw).sum(-1)
-        sparsity = self.sparsity_coefficient(step_) * active.mean()
+        if self.cfg.jumprelu_sparsity_loss == "tanh":
+            penalty = torch.tanh(self.cfg.jumprelu_tanh_scale * feats * self.W_dec.norm(dim=1)).sum(-1)
+        else:
+            penalty = active
+        sparsity = self.sparsity_coefficient(step_) * penalty.mean()
         recon = self._add_skip(torch.addmm(self.b_dec, feats, self.W_dec), x_n)
         fired = (feats.detach().amax(0) > 0) if self.training else feats.new_zeros(0)
         aux = None

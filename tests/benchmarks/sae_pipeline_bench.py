@@ -49,7 +49,7 @@ def lightning_vs_raw(d_in: int = 768, expansion: int = 16, batch: int = 2048, st
             def on_train_batch_end(self, *args):
                 step_times.append(time.perf_counter() - self.start)
 
-        module = SAEModule(SparseAutoencoder(cfg), init_tokens=batch)
+        module = SAEModule(SparseAutoencoder(cfg), init_tokens=batch, export_dir=str(Path(tmp) / "sae"))
         trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, callbacks=[Timer()], accelerator="cpu", devices=1)  # fmt: skip
         start = time.perf_counter()
