@@ -130,3 +130,19 @@ def test_prisma_validate_on_a_saved_sae_folder(tmp_path, capsys) -> None:
     assert saved["explained_variance_pct"] == pytest.approx(100.0, abs=1e-3)
     assert saved["ce_recovered_pct"] == pytest.approx(100.0, abs=1e-3)
     assert "% CE recovered" in capsys.readouterr().out
+
+
+def test_fit_ends_with_an_evaluation_of_the_final_sae(tmp_path, capsys) -> None:
+    backbone = load_hooked_model("test/vit-tiny", pretrained=False)
+    cfg = SAEConfig(d_in=32, expansion_factor=4, architecture="topk", k=4, hook_name=HOOK, b_dec_init="mean")
+    module = SAEModule(cfg, backbone=backbone, buffer_tokens=0, batch_tokens=136, init_tokens=136,
+                       export_dir=str(tmp_path / "sae"))  # fmt: skip
+    evaluator = SAEEvaluator(n_batches=2)
+    trainer = pl.Trainer(default_root_dir=tmp_path, callbacks=[evaluator], enable_progress_bar=False, max_steps=3,
+                         limit_val_batches=0, enable_model_summary=False)  # fmt: skip
+    loader = labelled_images()
+    trainer.fit(module, loader, val_dataloaders=loader)
+    assert evaluator.results["global_step"] == 3
+    assert 0 < evaluator.results["l0"] <= 4
+    assert "% CE recovered" in capsys.readouterr().out
+    assert json.loads((tmp_path / "sae" / "eval.json").read_text())["global_step"] == 3

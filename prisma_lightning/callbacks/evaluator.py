@@ -79,6 +79,8 @@ class SAEEvaluator(pl.Callback):
         linear_probe: path of a linear-probe safetensors file.
         write_json: write ``eval.json`` (and ``sparsity.safetensors``) beside the exported SAE.
         print_table: print the table when an evaluation finishes (rank 0).
+        evaluate_at_end: at the end of fit, evaluate once more on the validation data unless the last step was
+            just evaluated (so every run ends with the table of its final SAE).
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class SAEEvaluator(pl.Callback):
         linear_probe: str | None = None,
         write_json: bool = True,
         print_table: bool = True,
+        evaluate_at_end: bool = True,
     ) -> None:
         if ce_source not in ("auto", "head", "zero_shot", "linear_probe", "none"):
             raise ValueError(f"ce_source must be auto, head, zero_shot, linear_probe or none, got {ce_source!r}.")
@@ -99,7 +102,7 @@ class SAEEvaluator(pl.Callback):
             raise ValueError("ce_source='linear_probe' needs linear_probe=<path of a safetensors probe>.")
         self.every_n_steps, self.n_batches, self.ce_source = every_n_steps, n_batches, ce_source
         self.zero_shot_path, self.linear_probe_path = zero_shot, linear_probe
-        self.write_json, self.print_table = write_json, print_table
+        self.write_json, self.print_table, self.evaluate_at_end = write_json, print_table, evaluate_at_end
         self._last_step: int | None = None
         self._active = False
         self.results: dict[str, Any] = {}
@@ -160,6 +163,22 @@ class SAEEvaluator(pl.Callback):
         if self._active:
             self._reset(pl_module)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A final evaluation of the trained SAE, run outside Lightning's validation loop."""
+        if not self.evaluate_at_end or self._last_step == trainer.global_step:
+            return
+        loaders = _validation_loaders(trainer)
+        loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
+        if loader is None or isinstance(loader, list | tuple):
+            return
+        self._active = True
+        self._reset(pl_module)
+        for batch in loader:
+            if self.n_batches is not None and self._batches >= self.n_batches:
+                break
+            self._evaluate_batch(pl_module, _to_device(batch, pl_module.device))
+        self._finish(trainer, pl_module, log_in_loop=False)
+
     # ------------------------------------------------------------------ per batch
     @torch.no_grad()
     def on_validation_batch_end(
@@ -168,6 +187,10 @@ class SAEEvaluator(pl.Callback):
     ) -> None:  # fmt: skip
         if not self._active or (self.n_batches is not None and self._batches >= self.n_batches):
             return
+        self._evaluate_batch(pl_module, batch)
+
+    @torch.no_grad()
+    def _evaluate_batch(self, pl_module: pl.LightningModule, batch: Any) -> None:
         self._batches += 1
         was_training = pl_module.sae.training
         pl_module.sae.eval()
@@ -243,8 +266,11 @@ class SAEEvaluator(pl.Callback):
 
     # ------------------------------------------------------------------ results
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active or self._batches == 0:
-            return
+        if self._active and self._batches:
+            self._finish(trainer, pl_module, log_in_loop=True)
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, log_in_loop: bool) -> None:
+        self._active = False
         self._last_step = trainer.global_step
         m = self.metrics
         firing = m["firing"].compute()
@@ -273,8 +299,10 @@ class SAEEvaluator(pl.Callback):
         )
         self.results = results
         loggable = {f"eval/{k}": v for k, v in results.items() if isinstance(v, int | float) and not math.isnan(v)}
-        if loggable:
+        if loggable and log_in_loop:
             pl_module.log_dict({k: float(v) for k, v in loggable.items()}, sync_dist=False, rank_zero_only=True)
+        elif loggable and trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics({k: float(v) for k, v in loggable.items()}, step=trainer.global_step)
         if trainer.is_global_zero:
             if self.write_json:
                 self._write(pl_module, results, firing["log10_density"].float().cpu())
@@ -289,6 +317,24 @@ class SAEEvaluator(pl.Callback):
         with atomic_path(folder / "eval.json") as tmp:
             tmp.write_text(json.dumps(results, indent=2) + "\n")
         save_sparsity(folder, log10_density, d_sae=log10_density.numel())
+
+
+def _validation_loaders(trainer: pl.Trainer) -> Any:
+    """The validation data of a fit, also when Lightning skipped its validation loop (``limit_val_batches=0``)."""
+    if trainer.datamodule is not None:
+        return trainer.datamodule.val_dataloader()
+    if trainer.val_dataloaders is not None:
+        return trainer.val_dataloaders
+    source = trainer.fit_loop.epoch_loop.val_loop._data_source  # the loaders passed to fit()
+    return source.dataloader() if source.is_defined() else None
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch
 
 
 def token_positions(tokens: str, cfg: Any) -> slice | list[int]:
