@@ -303,16 +303,17 @@ class SAEEvaluator(pl.Callback):
             pl_module.log_dict({k: float(v) for k, v in loggable.items()}, sync_dist=False, rank_zero_only=True)
         elif loggable and trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics({k: float(v) for k, v in loggable.items()}, step=trainer.global_step)
+        # Resolved on every rank: the folder may come from trainer.log_dir, a collective call under DDP.
+        folder = pl_module.sae_folder() if hasattr(pl_module, "sae_folder") else Path("sae")
         if trainer.is_global_zero:
             if self.write_json:
-                self._write(pl_module, results, firing["log10_density"].float().cpu())
+                self._write(folder, results, firing["log10_density"].float().cpu())
             if self.print_table:
                 print(format_table(results))
 
-    def _write(self, pl_module: pl.LightningModule, results: dict[str, Any], log10_density: Tensor) -> None:
+    def _write(self, folder: Path, results: dict[str, Any], log10_density: Tensor) -> None:
         from prisma_lightning.sae import save_sparsity
 
-        folder = pl_module.sae_folder() if hasattr(pl_module, "sae_folder") else Path("sae")
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "eval.json") as tmp:
             tmp.write_text(json.dumps(results, indent=2) + "\n")

@@ -387,8 +387,9 @@ class SAEModule(pl.LightningModule):
         return self.sae.save(folder)
 
     def on_fit_end(self) -> None:
+        folder = self.sae_folder()  # on every rank: trainer.log_dir is a collective call under DDP
         if self.trainer.is_global_zero:
-            self.export(self.sae_folder())
+            self.export(folder)
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Any, batch_idx: int) -> None:

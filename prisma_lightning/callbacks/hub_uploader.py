@@ -1,0 +1,305 @@
+"""`HubUploader`: push the trained SAE (or model) with a model card to the Hugging Face Hub during training.
+
+On every ``every_n_checkpoints``-th checkpoint (the ``on_save_checkpoint`` hook, once per step however many files
+the checkpoint callbacks write), rank 0 exports the module into a local folder -- ``pl_module.export(folder)`` (SAE
+modules: ``cfg.json`` + ``sae_weights.safetensors``) or ``pl_module.model.save_pretrained(folder)`` (modules that
+wrap a ``HookedViT``) -- writes a ``README.md`` model card, and uploads the folder with
+``huggingface_hub.HfApi().upload_folder`` in a background thread, so training never waits for the network.
+
+Failures (no network, no or bad token, no permission) never reach training: they are logged as a WARNING with the
+reason, the local folder is kept, and the upload is retried at the end of fit (after joining the running upload).
+At the end of fit the final weights are uploaded too when they were not yet (``upload_at_end``).
+
+The token is never a config value (configs end up in logs and checkpoints): ``huggingface_hub`` reads it from
+``HF_TOKEN`` or the login cache (``huggingface-cli login``), and it is scrubbed from any logged error message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+log = logging.getLogger(__name__)
+
+CARD_FILE = "README.md"
+EVAL_FILE = "eval.json"
+
+
+class HubUploader(pl.Callback):
+    """Upload the module's export + a model card to ``repo_id`` on checkpoints (see the module docstring).
+
+    Args:
+        repo_id: Hugging Face repo, ``<user or org>/<name>``; created (``exist_ok``) on the first upload.
+        every_n_checkpoints: upload on every n-th checkpoint save.
+        private: create the repo as private (an existing repo keeps its visibility).
+        folder: local folder that is exported and uploaded (default ``<log_dir>/hub_upload``); kept after upload.
+        upload_at_end: at the end of fit also upload the final weights if they were not uploaded yet.
+        license: license identifier written into the model card's metadata.
+        commit_message: commit message prefix (the step is appended).
+    """
+
+    def __init__(
+        self,
+        repo_id: str,
+        every_n_checkpoints: int = 1,
+        private: bool = True,
+        folder: str | None = None,
+        upload_at_end: bool = True,
+        license: str = "apache-2.0",
+        commit_message: str = "Upload from prisma-lightning",
+    ) -> None:
+        if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+            raise ValueError(f"repo_id must look like '<user or org>/<name>', got {repo_id!r}.")
+        if every_n_checkpoints <= 0:
+            raise ValueError(f"every_n_checkpoints must be a positive integer, got {every_n_checkpoints}.")
+        self.repo_id, self.every_n_checkpoints, self.private = repo_id, every_n_checkpoints, private
+        self.folder: Path | None = Path(folder) if folder else None
+        self.upload_at_end, self.license, self.commit_message = upload_at_end, license, commit_message
+        self.n_checkpoints = 0
+        self.uploaded_step: int | None = None
+        """Step of the last successful upload."""
+        self.error: str | None = None
+        """Reason of the last failed upload (None after a success)."""
+        self._last_checkpoint_step: int | None = None
+        self._pending = False
+        self._thread: threading.Thread | None = None
+        self._eval_dirs: list[Path] = []
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if exporter(pl_module) is None:
+            raise TypeError(
+                f"HubUploader cannot export a {type(pl_module).__name__}: it needs an `export(folder)` method "
+                "(SAEModule, TranscoderModule) or a `model` with `save_pretrained(folder)`."
+            )
+        # trainer.log_dir is a collective under DDP: resolve paths here, on every rank, not in rank-0-only code.
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if self.folder is None:
+            self.folder = log_dir / "hub_upload"
+        self._eval_dirs = []
+        sae_folder = getattr(pl_module, "sae_folder", None)
+        if callable(sae_folder):
+            self._eval_dirs.append(Path(sae_folder()))
+        if getattr(pl_module, "export_dir", None):
+            self._eval_dirs.append(Path(pl_module.export_dir))
+        self._eval_dirs.append(log_dir / "sae")
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or step == self._last_checkpoint_step:
+            return  # ranks > 0 never upload; save_last writes a second file at the same step
+        self._last_checkpoint_step = step
+        self.n_checkpoints += 1
+        if self.n_checkpoints % self.every_n_checkpoints:
+            return
+        if self._thread is not None and self._thread.is_alive():
+            self._pending = True  # the previous upload still reads the folder: upload the latest state at the end
+            return
+        if self.prepare(trainer, pl_module):
+            self._thread = threading.Thread(target=self.upload, args=(step,), name="HubUploader", daemon=True)
+            self._thread.start()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.join()
+        step = trainer.global_step
+        retry = self.error is not None or self._pending
+        if not (retry or (self.upload_at_end and self.uploaded_step != step)):
+            return
+        if retry:
+            log.info("HubUploader: retrying the upload to %s at the end of fit.", self.repo_id)
+        self._pending = False
+        if self.prepare(trainer, pl_module):  # re-export: eval.json may have been rewritten since
+            self.upload(step)
+        if self.error is not None:
+            log.warning(
+                "HubUploader: the final upload to %s failed too (%s). The files are in %s; upload them later with "
+                "`huggingface-cli upload %s %s`.", self.repo_id, self.error, self.folder, self.repo_id, self.folder,
+            )  # fmt: skip
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.join(timeout=60)  # let a running upload finish its commit instead of dying with the process
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the running upload (if any)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ export and upload
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Export the module and write the model card into ``folder``; False (and a warning) if that failed."""
+        folder = self.folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            exporter(pl_module)(folder)
+            self._copy_eval(trainer, pl_module, folder)
+            (folder / CARD_FILE).write_text(model_card(pl_module, self.repo_id, self.license, folder))
+        except Exception as err:  # a full disk must not stop training; the next checkpoint tries again
+            self.error = _reason(err)
+            log.warning("HubUploader: exporting into %s failed (%s); skipping this upload.", folder, self.error)
+            return False
+        return True
+
+    def upload(self, step: int) -> None:
+        """Create the repo if needed and upload ``folder`` (runs in the background thread); never raises."""
+        try:
+            from huggingface_hub import HfApi
+
+            api = HfApi()
+            api.create_repo(self.repo_id, private=self.private, exist_ok=True, repo_type="model")
+            api.upload_folder(
+                repo_id=self.repo_id, folder_path=str(self.folder), repo_type="model",
+                commit_message=f"{self.commit_message} (step {step})",
+            )  # fmt: skip
+        except Exception as err:  # network, auth, permissions: warn, keep the folder, retry at the end of fit
+            self.error = _reason(err)
+            log.warning(
+                "HubUploader: upload of %s to %s failed (%s); the folder is kept and the upload is retried at the end "
+                "of fit.", self.folder, self.repo_id, self.error,
+            )  # fmt: skip
+            return
+        self.error = None
+        self.uploaded_step = step
+        log.info("HubUploader: uploaded %s to https://huggingface.co/%s (step %d).", self.folder, self.repo_id, step)
+
+    def _copy_eval(self, trainer: pl.Trainer, pl_module: pl.LightningModule, folder: Path) -> None:
+        """Copy the newest ``eval.json`` written beside the module's exported SAE into the upload folder."""
+        candidates = list(self._eval_dirs)
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if dirpath:
+            candidates.append(Path(dirpath) / "sae")
+        files = [c / EVAL_FILE for c in candidates if (c / EVAL_FILE).is_file() and c.resolve() != folder.resolve()]
+        if files:
+            shutil.copyfile(max(files, key=lambda f: f.stat().st_mtime), folder / EVAL_FILE)
+
+
+def exporter(pl_module: pl.LightningModule) -> Any:
+    """The callable that writes ``pl_module``'s shareable files into a folder, or None (duck typing)."""
+    if callable(getattr(pl_module, "export", None)):
+        return pl_module.export
+    save_pretrained = getattr(getattr(pl_module, "model", None), "save_pretrained", None)
+    return save_pretrained if callable(save_pretrained) else None
+
+
+def _reason(err: BaseException) -> str:
+    """``Type: message`` of an error, with the Hugging Face token (if any) blanked out."""
+    text = f"{type(err).__name__}: {err}"
+    try:
+        from huggingface_hub import get_token
+
+        token = get_token()
+    except Exception:
+        token = None
+    return text.replace(token, "***") if token else text
+
+
+# ---------------------------------------------------------------------------------------------------- model card
+def model_card(pl_module: pl.LightningModule, repo_id: str, license: str, folder: Path) -> str:
+    """The ``README.md`` of the upload: metadata, what was trained on what, the eval table, usage and license."""
+    sae = getattr(pl_module, "sae", None)
+    eval_file = folder / EVAL_FILE
+    evaluation = _eval_table(json.loads(eval_file.read_text())) if eval_file.is_file() else None
+    if sae is not None:
+        rows, title, usage = _sae_facts(pl_module, sae), "Sparse autoencoder", _SAE_USAGE
+        tags = ["sparse-autoencoder", "interpretability", "vision-transformer", "prisma-lightning"]
+    else:
+        rows, title, usage = _model_facts(pl_module), "Vision transformer", _MODEL_USAGE
+        tags = ["vision-transformer", "interpretability", "prisma-lightning"]
+    facts = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    front = "\n".join(["---", f"license: {license}", "library_name: prisma-lightning", "tags:"] +
+                      [f"- {t}" for t in tags] + ["---"])  # fmt: skip
+    parts = [
+        front,
+        f"# {repo_id}",
+        f"{title} trained with prisma-lightning (PyTorch Lightning).",
+        f"| | |\n| --- | --- |\n{facts}",
+        "## Evaluation\n\n" + (evaluation or "No `eval.json` was written yet (add the `SAEEvaluator` callback)."),
+        "## Usage\n\n" + usage.format(repo_id=repo_id),
+        f"## License\n\nReleased under `{license}`. Any license of the underlying backbone and its training data "
+        "applies as well.",
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def _sae_facts(pl_module: pl.LightningModule, sae: Any) -> list[tuple[str, Any]]:
+    cfg = sae.cfg
+    hparams = getattr(pl_module, "hparams", {})
+    backbone = getattr(pl_module, "_backbone", None)
+    model = cfg.model_name or (backbone.cfg.model_name if backbone is not None else None) or hparams.get("backbone")
+    rows: list[tuple[str, Any]] = [
+        ("Model", f"`{model or 'unknown'}`"),
+        ("Hook", f"`{getattr(pl_module, 'hook_name', None) or cfg.hook_name}`"),
+    ]
+    if getattr(cfg, "hook_name_out", None):
+        rows.append(("Output hook", f"`{cfg.hook_name_out}`"))
+    rows += [
+        ("Tokens", getattr(pl_module, "tokens", cfg.tokens)),
+        ("Architecture", f"{type(sae).__name__} (`{cfg.architecture}`)"),
+        ("d_in", sae.d_in),
+        ("d_sae", sae.d_sae),
+    ]
+    if sae.d_out != sae.d_in or getattr(cfg, "hook_name_out", None):
+        rows.append(("d_out", sae.d_out))
+    if cfg.is_topk_family:
+        rows.append(("k", cfg.k))
+    rows += [("Activation normalisation", cfg.normalize_activations), ("Decoder norm", cfg.decoder_norm)]
+    if getattr(pl_module, "tokens_seen", None) is not None:
+        rows.append(("Training tokens", f"{int(pl_module.tokens_seen):,}"))
+    if getattr(pl_module, "_trainer", None) is not None:
+        rows.append(("Training steps", f"{pl_module.trainer.global_step:,}"))
+    return rows
+
+
+def _model_facts(pl_module: pl.LightningModule) -> list[tuple[str, Any]]:
+    cfg = getattr(getattr(pl_module, "model", None), "cfg", None)
+    rows: list[tuple[str, Any]] = [("Module", type(pl_module).__name__)]
+    for key in ("model_name", "d_model", "n_layers", "n_heads", "patch_size", "image_size", "n_classes"):
+        if cfg is not None and getattr(cfg, key, None) is not None:
+            rows.append((key, getattr(cfg, key)))
+    if getattr(pl_module, "_trainer", None) is not None:
+        rows.append(("Training steps", f"{pl_module.trainer.global_step:,}"))
+    return rows
+
+
+def _eval_table(results: Any) -> str:
+    """``eval.json`` as markdown: a metric/value table (a flat object) or one row per entry (object of objects)."""
+
+    def fmt(value: Any) -> str:
+        if value is None:
+            return "n/a"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    if not isinstance(results, dict) or not results:
+        return f"```json\n{json.dumps(results, indent=2)}\n```"
+    if all(isinstance(v, dict) for v in results.values()):
+        columns = list(dict.fromkeys(k for v in results.values() for k in v))
+        head = "| | " + " | ".join(columns) + " |\n|" + " --- |" * (len(columns) + 1)
+        body = "\n".join(
+            f"| {name} | " + " | ".join(fmt(v.get(c)) for c in columns) + " |" for name, v in results.items()
+        )
+        return f"{head}\n{body}"
+    rows = [f"| {k} | {fmt(v)} |" for k, v in results.items() if not isinstance(v, dict | list)]
+    return "| Metric | Value |\n| --- | --- |\n" + "\n".join(rows)
+
+
+_SAE_USAGE = """```python
+from prisma_lightning.sae import SparseAutoencoder
+
+sae = SparseAutoencoder.from_pretrained("{repo_id}")
+feats = sae.encode(activations)  # activations [..., d_in] at the hook above
+```
+
+The folder is in the SAELens layout (`cfg.json`, `sae_weights.safetensors`), so SAELens loads it too."""
+
+_MODEL_USAGE = """```python
+from prisma_lightning.backbones import HookedViT
+
+model = HookedViT.from_pretrained("{repo_id}")
+```"""
