@@ -265,6 +265,15 @@ class HookedViT(HookedModule):
         )
         return int(cache[hook_name].shape[-1])
 
+    def saes(self, saes: Any, include_error: bool = False) -> Any:
+        """Context manager splicing SAEs (or transcoders) into the forward pass: ``with model.saes([sae]): ...``.
+
+        See :func:`prisma_lightning.interp.splice_saes`; ``include_error=True`` keeps outputs unchanged.
+        """
+        from prisma_lightning.interp.sae_tools import splice_saes
+
+        return splice_saes(self, saes, include_error=include_error)
+
     # ------------------------------------------------------------------ weight views (circuit analysis)
     def _stack(self, fn) -> torch.Tensor:
         return torch.stack([fn(block) for block in self.blocks])
@@ -530,5 +539,11 @@ class HookedViT(HookedModule):
             cfg = HookedViTConfig.from_dict(json.loads(Path(config_file).read_text()))
         except (json.JSONDecodeError, TypeError) as err:
             raise ValueError(f"{config_file} is not a valid HookedViT config: {err}") from err
-        model = cls.from_state_dict(cfg, load_file(str(weights_file)), source=str(weights_file))
+        try:
+            state = load_file(str(weights_file))
+        except Exception as err:  # safetensors raises its own error type for truncated / corrupt files
+            raise ValueError(
+                f"{weights_file} is truncated or not a safetensors file ({err}); re-download or re-save the model."
+            ) from err
+        model = cls.from_state_dict(cfg, state, source=str(weights_file))
         return model.to(device=device, dtype=dtype).eval()

@@ -77,25 +77,40 @@ class ActivationBlocks(IterableDataset):
 
 class ResumableLoader(DataLoader):
     """A DataLoader over :class:`ActivationBlocks` whose position survives checkpoints (Lightning calls
-    ``state_dict`` / ``load_state_dict`` on stateful loaders)."""
+    ``state_dict`` / ``load_state_dict`` on stateful loaders).
+
+    Every ``iter()`` starts the next epoch (a new block order), except the first one after ``load_state_dict``,
+    which continues the saved epoch after its consumed batches. Lightning stops at ``len(loader)`` without
+    exhausting the iterator, so epochs are counted at ``iter()``, not at exhaustion.
+    """
 
     def __init__(self, dataset: ActivationBlocks, **kwargs: Any) -> None:
         super().__init__(dataset, batch_size=None, **kwargs)
-        self._epoch, self._skip, self._consumed = 0, 0, 0
+        self._epoch, self._consumed, self._next_epoch = 0, 0, 0
+        self._resume: tuple[int, int] | None = None
 
     def __iter__(self) -> Iterator[torch.Tensor]:  # type: ignore[override]
-        self.dataset.epoch, self.dataset.skip = self._epoch, self._skip
-        self._consumed = self._skip
+        if self._resume is not None:
+            epoch, skip = self._resume
+            self._resume = None
+        else:
+            epoch, skip = self._next_epoch, 0
+        self._next_epoch = epoch + 1
+        self._epoch, self._consumed = epoch, skip
+        self.dataset.epoch, self.dataset.skip = epoch, skip
         for batch in super().__iter__():
             self._consumed += 1
             yield batch
-        self._epoch, self._skip, self._consumed = self._epoch + 1, 0, 0
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self._epoch, "consumed": self._consumed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._epoch, self._skip = int(state["epoch"]), int(state["consumed"])
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        if consumed >= len(self.dataset):  # the saved epoch was complete: continue with the next one
+            epoch, consumed = epoch + 1, 0
+        self._resume = (epoch, consumed)
+        self._next_epoch = epoch
 
 
 class ActivationDataModule(pl.LightningDataModule):
