@@ -48,6 +48,20 @@ def test_print_config_of_one_experiment() -> None:
     assert "backbone: facebook/dinov2-small" in out.getvalue()
 
 
+@pytest.mark.parametrize("name", ["slurm_ddp_sae", "torchrun_ddp_sae", "fsdp_wide_sae"])
+def test_distributed_overlays_parse_on_top_of_an_experiment(parser, name: str) -> None:
+    base = str(ROOT / "configs/sae/cached_shards.yaml")
+    cfg = parser.parse_args(["--config", base, "--config", str(ROOT / "configs/distributed" / f"{name}.yaml")])
+    strategy = cfg.trainer.strategy
+    if name == "fsdp_wide_sae":
+        assert strategy.class_path.endswith("FSDPStrategy") and str(strategy.init_args.sharding_strategy).endswith(
+            "FULL_SHARD"
+        )
+    else:
+        assert strategy == "ddp" and cfg.trainer.num_nodes == 2 and cfg.trainer.devices == 4
+    assert cfg.model.init_args.sae.d_in == 64  # the experiment itself is kept
+
+
 def test_clip_table_configs_cover_every_layer_and_hook() -> None:
     names = {p.stem for p in (ROOT / "configs" / "sae" / "clip-b32-imagenet").glob("*.yaml")}
     assert names == {f"layer{i:02d}_{h}" for i in range(12) for h in ("resid_post", "mlp_out")}
