@@ -120,3 +120,81 @@ def shard_read_vs_raw(rows: int = 400_000, d: int = 768, batch: int = 4096, repe
 if __name__ == "__main__":
     print(lightning_vs_raw(steps=6))
     print(shard_read_vs_raw(rows=100_000))
+
+
+def online_vs_forward(model: str = "vit_small_patch16_224", layer: int = 6, batch: int = 32, steps: int = 6) -> dict:
+    """Images/s of online SAE training (backbone + buffer + SAE steps) vs the backbone forward alone."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from prisma_lightning.backbones import load_hooked_model
+    from prisma_lightning.modules import SAEModule
+    from prisma_lightning.sae import SAEConfig
+
+    backbone = load_hooked_model(f"timm/{model}", pretrained=False)
+    hook = f"blocks.{layer - 1}.hook_resid_post"
+    images = torch.randn(batch * (steps + 2), 3, 224, 224)
+    loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=batch)
+    with torch.inference_mode():
+        backbone.run_with_cache(images[:batch], names_filter=hook, stop_at_layer=layer)
+        t0 = time.perf_counter()
+        for x, _ in loader:
+            backbone.run_with_cache(x, names_filter=hook, stop_at_layer=layer)
+        forward_ips = len(images) / (time.perf_counter() - t0)
+    tokens = batch * backbone.cfg.n_tokens
+    cfg = SAEConfig(d_in=backbone.cfg.d_model, expansion_factor=16, architecture="topk", k=32, hook_name=hook,
+                    b_dec_init="mean")  # fmt: skip
+    module = SAEModule(cfg, backbone=backbone, buffer_tokens=4 * tokens, batch_tokens=tokens // 2, init_tokens=tokens,
+                       export_dir=tempfile.mkdtemp())  # fmt: skip
+    times: list[float] = []
+
+    class Timer(pl.Callback):
+        def on_train_batch_start(self, *args):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *args):
+            times.append(time.perf_counter() - self.start)
+
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[Timer()], accelerator="cpu", devices=1)  # fmt: skip
+    trainer.fit(module, loader)
+    online_ips = batch / statistics.median(times[2:])  # after the buffer has filled
+    return {"online_img_per_s": online_ips, "forward_img_per_s": forward_ips, "ratio": online_ips / forward_ips}
+
+
+def online_peak_memory(buffer_tokens: int = 2**20, d: int = 384) -> dict:
+    """Extra peak RSS of an online run with a large mixing buffer (fresh processes) vs the buffer's configured bytes."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import resource, json, torch, lightning.pytorch as pl, tempfile
+from torch.utils.data import DataLoader, TensorDataset
+from prisma_lightning.backbones import HookedViTConfig, HookedViT
+from prisma_lightning.modules import SAEModule
+from prisma_lightning.sae import SAEConfig
+cfg = HookedViTConfig(d_model={d}, n_layers=2, n_heads=6, image_size=64, patch_size=8, n_classes=10)
+model = HookedViT(cfg).eval()
+images = torch.randn(2048, 3, 64, 64)
+loader = DataLoader(TensorDataset(images, torch.zeros(2048)), batch_size=256)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sae = SAEConfig(d_in={d}, expansion_factor=4, architecture="topk", k=16, hook_name="blocks.0.hook_resid_post",
+                b_dec_init="mean")
+module = SAEModule(sae, backbone=model, buffer_tokens={buffer_tokens}, batch_tokens=4096, init_tokens=4096,
+                   export_dir=tempfile.mkdtemp())
+pl.Trainer(max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+           enable_model_summary=False, accelerator="cpu").fit(module, loader)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"growth_bytes": (after - before) * 1024}}))
+"""
+
+    def growth(tokens: int) -> float:
+        script = code.replace(f"buffer_tokens={buffer_tokens}", f"buffer_tokens={tokens}")
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])["growth_bytes"]
+
+    # The same run with a minimal buffer measures everything else (Lightning, activations, the SAE).
+    extra = growth(buffer_tokens) - growth(16384)
+    buffer_bytes = (buffer_tokens - 16384) * d * 4
+    return {"buffer_extra_MB": extra / 2**20, "buffer_MB": buffer_bytes / 2**20, "ratio": extra / buffer_bytes}

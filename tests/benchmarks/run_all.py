@@ -1,0 +1,101 @@
+"""Run every benchmark and write one markdown table of ratios (``tests/benchmarks/RESULTS.md``).
+
+    python tests/benchmarks/run_all.py            # full sizes (about 15-25 minutes on 2 CPU cores)
+    python tests/benchmarks/run_all.py --quick    # smaller sizes and fewer repeats, for a smoke run
+
+Each ratio is measured within one process run (medians of repeated, interleaved timings where applicable).
+On a CUDA machine the backbone section also times bf16 autocast and torch.compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {torch.get_num_threads()} torch threads{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def backbone_rows(quick: bool) -> list[tuple[str, float, str]]:
+    import bench_backbone
+
+    args = argparse.Namespace(batch=2 if quick else 8, repeats=3 if quick else 7, warmup=1 if quick else 2,
+                              device="cpu", rows=[])  # fmt: skip
+    bench_backbone.vit_section(args)
+    bench_backbone.families_section(args)
+    rows = args.rows
+    if torch.cuda.is_available():
+        rows += gpu_rows()
+    return rows
+
+
+def gpu_rows() -> list[tuple[str, float, str]]:
+    """bf16 autocast and torch.compile vs float32 eager, HookedViT ViT-B/16 on the GPU."""
+    import bench_backbone
+    import timm
+
+    from prisma_lightning.backbones import convert_model
+
+    model = convert_model(timm.create_model("vit_base_patch16_224", pretrained=False)).cuda().eval()
+    x = torch.randn(64, 3, 224, 224, device="cuda")
+    compiled = torch.compile(model)
+
+    def bf16():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(x)
+
+    med = bench_backbone.measure({"fp32": lambda: model(x), "bf16": bf16, "compile": lambda: compiled(x)}, 10, 3)
+    return [("HookedViT bf16 autocast / fp32 (GPU)", med["bf16"] / med["fp32"], "report"),
+            ("HookedViT torch.compile / eager (GPU)", med["compile"] / med["fp32"], "report")]  # fmt: skip
+
+
+def sae_rows(quick: bool) -> list[tuple[str, float, str]]:
+    rows: list[tuple[str, float, str]] = []
+    try:
+        import bench_sae
+    except ImportError:
+        bench_sae = None
+    if bench_sae is not None and hasattr(bench_sae, "ratio_rows"):
+        rows += bench_sae.ratio_rows(quick=quick)
+    import sae_pipeline_bench as pipe
+
+    c = pipe.lightning_vs_raw(steps=4 if quick else 12, batch=512 if quick else 2048)
+    rows.append(("Trainer.fit step / raw PyTorch loop step (SAE, cached)", c["ratio"], "<= 1.05"))
+    d = pipe.shard_read_vs_raw(rows=50_000 if quick else 400_000)
+    rows.append(("shard read throughput / raw sequential read", d["ratio"], ">= 0.8"))
+    o = pipe.online_vs_forward(batch=8 if quick else 32, steps=3 if quick else 6)
+    rows.append(("online SAE training / backbone forward only (images/s, ViT-S/16)", o["ratio"], "report"))
+    m = pipe.online_peak_memory(buffer_tokens=2**17 if quick else 2**20)
+    rows.append(("peak memory added by the mixing buffer / its configured size", m["ratio"], "~1"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = backbone_rows(args.quick) + sae_rows(args.quick)
+    date = datetime.date.today().isoformat()
+    lines = [f"Benchmarks ({'quick' if args.quick else 'full'} run, {date}): {machine()}", "",
+             "| benchmark | ratio | target |", "| --- | --- | --- |"]  # fmt: skip
+    lines += [f"| {name} | {ratio:.3f} | {target} |" for name, ratio, target in rows]
+    text = "\n".join(lines) + "\n"
+    Path(args.out).write_text(text)
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
