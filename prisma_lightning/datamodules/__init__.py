@@ -29,6 +29,7 @@ _EXPORTS = {
     "ClipToFloat": "video",
     "write_moving_sprites": "video",
     "write_video": "video",
+    "TorchvisionDataModule": "torchvision_data",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,5 +3,6 @@
 from prisma_lightning.modules.activation_cache_module import ActivationCacheModule
 from prisma_lightning.modules.sae_module import SAEModule
 from prisma_lightning.modules.transcoder_module import TranscoderModule
+from prisma_lightning.modules.vit_classifier import ViTClassifierModule
 
-__all__ = ["ActivationCacheModule", "SAEModule", "TranscoderModule"]
+__all__ = ["ActivationCacheModule", "SAEModule", "TranscoderModule", "ViTClassifierModule"]

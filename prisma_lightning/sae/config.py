@@ -97,9 +97,12 @@ class SAEConfig:
     normalised sample."""
     decoder_norm: DecoderNorm | None = None
     """``unit`` keeps decoder rows at unit norm (the trainer projects gradients and renormalises each step);
-    ``free`` leaves them free (the L1 penalty is weighted by row norms). Default: ``free`` for relu, else ``unit``."""
+    ``free`` leaves them free (L1-type penalties are weighted by row norms, Anthropic's April 2024 update).
+    Default: ``unit`` for the TopK family, ``free`` for relu, jumprelu and gated."""
     decoder_init_norm: float | None = None
-    """Norm of the decoder rows at initialisation; default 0.1 for a ``free`` decoder and 1 for ``unit``."""
+    """Norm of the decoder rows at initialisation; default 0.1 for a ``free`` decoder and 1 for ``unit``. The
+    encoder starts as the decoder's transpose, scaled to row norm 0.1 at most for the dense architectures (many
+    features are active at first, and a large encoder would make the first reconstructions explode)."""
     aux_k: int | None = None
     """TopK family: dead features used by the AuxK loss to reconstruct the residual; default ``d_in // 2``."""
     aux_k_coefficient: float = 1 / 32
@@ -161,7 +164,7 @@ class SAEConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
         if self.decoder_norm is None:
-            self.decoder_norm = "free" if self.architecture == "relu" else "unit"
+            self.decoder_norm = "unit" if self.architecture in TOPK_FAMILY else "free"
         _check_choice("decoder_norm", self.decoder_norm, get_args(DecoderNorm))
         if self.decoder_init_norm is None:
             self.decoder_init_norm = 0.1 if self.decoder_norm == "free" else 1.0

@@ -150,13 +150,14 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Random unit (or ``decoder_init_norm``) decoder rows, encoder tied to the decoder, zero biases."""
+        """Random decoder rows of norm ``decoder_init_norm``, encoder tied to the decoder, zero biases."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed)
         norm = float(cfg.decoder_init_norm)  # type: ignore[arg-type]
+        enc_norm = norm if cfg.is_topk_family else min(norm, 0.1)
         w_dec = unit_rows(self.d_sae, self.d_out, norm, gen)
         tied = self._tied_init and self.d_out == self.d_in
-        w_enc_t = w_dec if tied else unit_rows(self.d_sae, self.d_in, norm, gen)
+        w_enc_t = w_dec * (enc_norm / norm) if tied else unit_rows(self.d_sae, self.d_in, enc_norm, gen)
         self.W_dec.copy_(w_dec)
         self.W_enc.copy_(w_enc_t.t())
         for name in ("b_enc", "b_gate", "r_mag", "b_mag"):

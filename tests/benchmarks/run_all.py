@@ -24,7 +24,8 @@ sys.path.insert(0, str(HERE))
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {torch.get_num_threads()} torch threads{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+    versions = f"torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{cpu}, {torch.get_num_threads()} torch threads{gpu}, {versions}"
 
 
 def backbone_rows(quick: bool) -> list[tuple[str, float, str]]:
