@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from prisma_lightning.activations import MixingBuffer, Tokens, select_tokens
-from prisma_lightning.sae import SAEConfig, SAEOutput, SparseAutoencoder
+from prisma_lightning.sae import SAEConfig, SAEOutput, SparseAutoencoder, make_optimizer
 
 LRDecay = Literal["none", "cosine", "linear"]
 
@@ -190,7 +190,7 @@ class SAEModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=self.betas)
+        optimizer = make_optimizer(self.sae, lr=self.lr, betas=self.betas)  # fused Adam where available
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -33,7 +33,7 @@ def lightning_vs_raw(d_in: int = 768, expansion: int = 16, batch: int = 2048, st
 
     from prisma_lightning.datamodules.activations import ActivationDataModule
     from prisma_lightning.modules import SAEModule
-    from prisma_lightning.sae import SAEConfig, SparseAutoencoder
+    from prisma_lightning.sae import SAEConfig, SparseAutoencoder, make_optimizer
 
     cfg = SAEConfig(d_in=d_in, expansion_factor=expansion, architecture="topk", k=k, b_dec_init="zeros")
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,7 +57,7 @@ def lightning_vs_raw(d_in: int = 768, expansion: int = 16, batch: int = 2048, st
         fit_total = time.perf_counter() - start
 
         sae = SparseAutoencoder(cfg)
-        optimizer = torch.optim.Adam(sae.parameters(), lr=4e-4)
+        optimizer = make_optimizer(sae, lr=4e-4)
         dm2 = ActivationDataModule(str(folder), batch_size=batch, shuffle=False)
         dm2.setup("fit")
         raw_times = []
