@@ -1,0 +1,437 @@
+"""SAE architectures: forward values against dense reference formulas, custom gradients, losses, decoder constraints,
+activation normalisation, the geometric median and config validation. Tiny widths, CPU, float32/float64."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from prisma_lightning.sae import (
+    ARCHITECTURES,
+    SAEConfig,
+    SparseAutoencoder,
+    SparsePattern,
+    Transcoder,
+    TranscoderConfig,
+    geometric_median,
+    make_optimizer,
+    sparse_decode,
+    sparse_encode,
+    train_step,
+)
+from prisma_lightning.sae.activations import relu_sae
+from prisma_lightning.sae.sparse_ops import batch_topk_select, pre_activations, topk_select
+
+D_IN, D_SAE, K = 12, 48, 4
+
+
+def make_sae(arch: str, **kw) -> SparseAutoencoder:
+    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=arch, k=K, seed=1, **kw)
+    sae = SparseAutoencoder(cfg)
+    with torch.no_grad():  # non-trivial biases so a misplaced one shows up
+        for name, p in sae.named_parameters():
+            if p.ndim == 1 and name != "log_threshold":
+                p.copy_(0.1 * torch.randn_like(p))
+    return sae
+
+
+def reference_feats(sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
+    """Dense textbook formulas, independent of the module's code paths."""
+    arch, W = sae.cfg.architecture, sae.W_enc
+    x_c = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
+    if arch == "gated":
+        h = x_c @ W
+        return (h + sae.b_gate > 0).float() * torch.relu(x_c @ (W * sae.r_mag.exp()) + sae.b_mag)
+    pre = x_c @ W + sae.b_enc
+    if arch == "relu":
+        return torch.relu(pre)
+    if arch == "jumprelu":
+        return pre * (pre > sae.log_threshold.exp())
+    if arch == "topk":
+        v, i = pre.topk(K, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, i, v.relu())
+    if sae.training:  # batch top-k: the k*n largest over the whole batch
+        flat = pre.relu().flatten()
+        v, i = flat.topk(K * x.shape[0])
+        return torch.zeros_like(flat).scatter(0, i, v).view_as(pre)
+    return pre.relu() * (pre > sae.running_threshold)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_forward_matches_reference_formulas(arch: str) -> None:
+    sae = make_sae(arch)
+    x = torch.randn(2, 16, D_IN)
+    out = sae(x)
+    x2 = x.reshape(-1, D_IN)
+    feats = reference_feats(sae, x2)
+    torch.testing.assert_close(out.feats.reshape(-1, D_SAE), feats, atol=1e-5, rtol=1e-5)
+    recon = feats @ sae.W_dec + sae.b_dec
+    torch.testing.assert_close(out.recon.reshape(-1, D_IN), recon, atol=1e-5, rtol=1e-5)
+    assert out.recon.shape == x.shape and out.feats.shape == (2, 16, D_SAE) and out.l0.shape == (2, 16)
+    torch.testing.assert_close(out.mse_loss, (recon - x2).pow(2).sum(-1).mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.l0.reshape(-1), (feats > 0).sum(-1).float())
+    torch.testing.assert_close(out.loss, out.mse_loss + out.sparsity_loss + out.aux_loss + out.prefix_loss)
+    if arch == "relu":
+        l1 = (feats * sae.W_dec.norm(dim=1)).sum(-1).mean() * sae.cfg.l1_coefficient
+        torch.testing.assert_close(out.sparsity_loss, l1)
+    if arch == "jumprelu":
+        torch.testing.assert_close(out.sparsity_loss, sae.cfg.l0_coefficient * (feats > 0).sum(-1).float().mean())
+    if arch == "gated":
+        gate = torch.relu((x2 - sae.b_dec) @ sae.W_enc + sae.b_gate)
+        torch.testing.assert_close(out.aux_loss, (gate @ sae.W_dec + sae.b_dec - x2).pow(2).sum(-1).mean())
+    # encode/decode are the public halves of forward
+    torch.testing.assert_close(sae.encode(x), out.feats)
+    torch.testing.assert_close(sae.decode(out.feats), out.recon, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_loss_falls_with_adam(arch: str) -> None:
+    torch.manual_seed(0)
+    sae = make_sae(arch, normalize_activations="expected_norm", b_dec_init="mean")
+    x = torch.randn(256, D_SAE // 4) @ torch.randn(D_SAE // 4, D_IN)
+    sae.fit_normalization(x)
+    sae.initialize_b_dec(x)
+    opt = make_optimizer(sae, lr=3e-3)
+    first = sae(x).loss.item()
+    for step in range(50):
+        train_step(sae, opt, x, step=step)
+    last = sae(x).loss.item()
+    assert last < 0.7 * first, (first, last)
+
+
+def test_topk_keeps_exactly_k_per_row() -> None:
+    sae = make_sae("topk", b_dec_init="zeros")
+    with torch.no_grad():
+        sae.b_enc.fill_(5.0)  # every pre-activation positive: exactly k survive the ReLU
+    out = sae(torch.randn(64, D_IN))
+    assert ((out.feats != 0).sum(-1) == K).all()
+    assert out.codes.indices.shape == (64 * K,)
+
+
+def test_batchtopk_selects_k_times_batch_and_uses_running_threshold() -> None:
+    sae = make_sae("batchtopk")
+    with torch.no_grad():
+        sae.b_enc.fill_(2.0)
+    x = torch.randn(64, D_IN) * torch.linspace(0.1, 3, 64)[:, None]  # rows of very different scale
+    sae.train()
+    out = sae(x)
+    counts = (out.feats != 0).sum(-1)
+    assert counts.sum() == K * 64 and counts.max() > K and counts.min() < K
+    threshold = sae.running_threshold.item()
+    assert threshold > 0
+    sae.eval()
+    out = sae(x)
+    pre = pre_activations(x, sae.W_enc, sae.b_enc, sae.b_dec)
+    torch.testing.assert_close(out.feats, pre.relu() * (pre > threshold))
+    assert sae.training is False and sae.running_threshold.item() == threshold  # eval does not update it
+
+
+def test_batch_topk_select_is_exact_even_when_one_row_dominates() -> None:
+    pre = torch.randn(8, 64)
+    pre[3] += 10.0  # row 3 holds far more than 2k of the batch's winners: the candidate search must grow
+    values, pattern = batch_topk_select(pre, 4)
+    dense = torch.zeros_like(pre).index_put((pattern.rows, pattern.indices), values)
+    v, i = pre.relu().flatten().topk(32)
+    torch.testing.assert_close(dense, torch.zeros(8 * 64).scatter(0, i, v).view(8, 64))
+    assert pattern.counts()[3] > 8
+
+
+def test_jumprelu_threshold_learns_through_the_straight_through_estimator() -> None:
+    sae = make_sae("jumprelu", jumprelu_bandwidth=0.5, jumprelu_init_threshold=0.3, l0_coefficient=0.1)
+    x = torch.randn(128, D_IN)
+    out = sae(x)
+    out.loss.backward()
+    grad = sae.log_threshold.grad
+    assert grad is not None and grad.abs().sum() > 0
+    # the L0 term alone: d/d(log t) sum_i H(z_i - t) = -t/bw * #{|z - t| < bw/2}, averaged over tokens
+    sae.zero_grad()
+    sae(x).sparsity_loss.backward()
+    pre = pre_activations(x, sae.W_enc, sae.b_enc, sae.b_dec).detach()
+    t = sae.log_threshold.exp().detach()
+    near = ((pre - t).abs() < 0.25).float().sum(0) / x.shape[0]
+    torch.testing.assert_close(sae.log_threshold.grad, -0.1 * t / 0.5 * near)
+
+
+def test_decoder_unit_norm_and_parallel_gradient_removal() -> None:
+    sae = make_sae("topk")
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)
+    sae(torch.randn(32, D_IN)).loss.backward()
+    g_before = sae.W_dec.grad.clone()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    w = sae.W_dec.detach()
+    dots = (sae.W_dec.grad * w).sum(1)
+    assert dots.abs().max() < 1e-5 * g_before.abs().max()
+    # only the parallel part was removed
+    parallel = (g_before * w).sum(1, keepdim=True) / w.pow(2).sum(1, keepdim=True) * w
+    torch.testing.assert_close(sae.W_dec.grad, g_before - parallel)
+    sae.set_decoder_norm_to_unit_norm()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+
+
+def test_train_step_keeps_unit_decoder_rows_but_leaves_free_rows() -> None:
+    x = torch.randn(64, D_IN)
+    for arch, unit in (("topk", True), ("relu", False), ("batchtopk", True), ("gated", False)):
+        sae = make_sae(arch)
+        opt = make_optimizer(sae, lr=1e-2)
+        train_step(sae, opt, x)
+        norms = sae.W_dec.norm(dim=1)
+        assert torch.allclose(norms, torch.ones(D_SAE), atol=1e-5) is unit
+
+
+def _random_pattern(n_rows: int, n_features: int, counts: list[int]) -> SparsePattern:
+    idx = torch.cat([torch.randperm(n_features)[:c] for c in counts])
+    return SparsePattern.from_counts(idx, torch.tensor(counts), n_features)
+
+
+def test_sparse_decode_equals_dense_decode_values_and_gradients() -> None:
+    pattern = _random_pattern(6, 20, [3, 0, 5, 1, 4, 2])  # variable counts, one empty row (BatchTopK layout)
+    values = torch.randn(pattern.nnz, requires_grad=True)
+    W = torch.randn(20, 7, requires_grad=True)
+    dense = torch.zeros(6, 20).index_put((pattern.rows, pattern.indices), values)
+    g = torch.randn(6, 7)
+    ref = dense @ W
+    grads_ref = torch.autograd.grad(ref, (values, W), g)
+    out = sparse_decode(values, W, pattern)
+    grads = torch.autograd.grad(out, (values, W), g)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grads[0], grads_ref[0])
+    torch.testing.assert_close(grads[1], grads_ref[1])
+
+
+def test_sparse_ops_gradcheck_float64() -> None:
+    pattern = _random_pattern(5, 9, [2, 3, 0, 1, 4])
+    values = torch.randn(pattern.nnz, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, w, pattern), (values, W))
+
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    W_enc = torch.randn(9, 4, dtype=torch.float64).t().requires_grad_()  # feature-major storage, as in the SAE
+    b_enc = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    b_in = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def encode(x, W_enc, b_enc, b_in):
+        return sparse_encode(x, W_enc, b_enc, b_in, lambda pre: topk_select(pre, 3))[0]
+
+    assert torch.autograd.gradcheck(encode, (x, W_enc, b_enc, b_in))
+
+
+def test_sparse_topk_encoder_gradients_match_dense_autograd() -> None:
+    sae = make_sae("topk")
+    x = torch.randn(32, D_IN, requires_grad=True)
+    params = (x, sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec)
+    weights = torch.randn(32, D_IN)
+    grads = torch.autograd.grad((sae(x).recon * weights).sum(), params)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # dense reference on the same weights
+    v, i = pre.topk(K, dim=-1)
+    recon = torch.zeros_like(pre).scatter(-1, i, v.relu()) @ sae.W_dec + sae.b_dec
+    grads_ref = torch.autograd.grad((recon * weights).sum(), params)
+    for got, ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_relu_gradients_match_autograd() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 5, requires_grad=True)
+    W_enc = torch.randn(11, 5).t().requires_grad_()
+    W_dec, b_enc, b_in, b_dec = (torch.randn(*s, requires_grad=True) for s in ((11, 5), (11,), (5,), (5,)))
+    tensors = (x, W_enc, b_enc, b_in, W_dec, b_dec)
+
+    def loss_of(feats, recon, l1):
+        return (recon - 1).pow(2).sum() + 0.3 * l1.sum() + (feats * torch.linspace(0, 1, 11)).sum()
+
+    feats, recon, l1 = relu_sae(x, W_enc, b_enc, b_in, W_dec, b_dec, W_dec.norm(dim=1))
+    grads = torch.autograd.grad(loss_of(feats, recon, l1), tensors)
+    f = torch.relu((x - b_in) @ W_enc + b_enc)
+    grads_ref = torch.autograd.grad(loss_of(f, f @ W_dec + b_dec, f @ W_dec.norm(dim=1)), tensors)
+    for got, ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_auxk_is_zero_without_dead_features_and_trains_only_dead_ones() -> None:
+    sae = make_sae("topk", dead_feature_window=3, aux_k=8)
+    x = torch.randn(32, D_IN)
+    sae.train()
+    assert sae(x).aux_loss.item() == 0.0  # nothing has had 3 steps to die yet
+    dead = torch.arange(0, D_SAE, 3)
+    with torch.no_grad():
+        sae.steps_since_fired.zero_()
+        sae.steps_since_fired[dead] = 3
+    out = sae(x)
+    assert out.aux_loss.item() > 0
+    sae.zero_grad()
+    out.aux_loss.backward()
+    touched = (sae.W_enc.grad.abs().sum(0) > 0).nonzero().squeeze(1)
+    assert set(touched.tolist()) <= set(dead.tolist()) and len(touched) > 0
+    sae.eval()
+    assert sae(x).aux_loss.item() == 0.0
+
+
+def test_ghost_grads_change_the_loss_when_features_are_dead() -> None:
+    cfg = {"ghost_grads": True, "dead_feature_window": 2}
+    sae = make_sae("relu", **cfg)
+    x = torch.randn(32, D_IN)
+    sae.train()
+    base = sae(x)
+    assert base.aux_loss.item() == 0.0
+    with torch.no_grad():
+        sae.steps_since_fired[:10] = 5
+    out = sae(x)
+    assert out.aux_loss.item() > 0 and out.loss.item() > base.loss.item()
+    # rescaled to the size of the main reconstruction loss
+    assert out.aux_loss.item() == pytest.approx(base.mse_loss.item(), rel=0.05)
+    sae.zero_grad()
+    out.aux_loss.backward()
+    assert sae.W_enc.grad[:, 10:].abs().max() == 0 and sae.W_enc.grad[:, :10].abs().max() > 0
+
+
+def test_firing_counter_resets_active_features() -> None:
+    sae = make_sae("topk")
+    sae.train()
+    out = sae(torch.randn(8, D_IN))
+    fired = torch.zeros(D_SAE, dtype=torch.bool)
+    fired[out.codes.indices[out.codes.values > 0]] = True
+    assert (sae.steps_since_fired[fired] == 0).all() and (sae.steps_since_fired[~fired] == 1).all()
+
+
+def test_matryoshka_prefix_losses() -> None:
+    sae = make_sae("matryoshka_batchtopk", matryoshka_prefixes=[6, 18])
+    assert sae.cfg.matryoshka_prefixes == [6, 18, D_SAE]
+    x = torch.randn(16, D_IN)
+    out = sae(x)
+    expected = sum((out.feats[:, :m] @ sae.W_dec[:m] + sae.b_dec - x).pow(2).sum(-1).mean() for m in (6, 18))
+    torch.testing.assert_close(out.prefix_loss, expected)
+    torch.testing.assert_close(out.mse_loss, (out.feats @ sae.W_dec + sae.b_dec - x).pow(2).sum(-1).mean())
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_folding_the_norm_factor_leaves_outputs_unchanged(arch: str) -> None:
+    sae = make_sae(arch, normalize_activations="expected_norm")
+    x = 7.0 * torch.randn(32, D_IN) + 2.0
+    scale = sae.fit_normalization(x)
+    assert scale == pytest.approx(math.sqrt(D_IN) / x.norm(dim=-1).mean().item(), rel=1e-5)
+    sae.eval()
+    before = sae(x)
+    sae.fold_activation_norm_scaling_factor()
+    assert sae.cfg.normalize_activations == "none"
+    after = sae(x)
+    torch.testing.assert_close(after.feats, before.feats, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after.recon, before.recon, atol=1e-4, rtol=1e-5)
+
+
+def test_transcoder_folding_and_skip_connection() -> None:
+    cfg = TranscoderConfig(
+        d_in=D_IN,
+        d_out=7,
+        d_sae=D_SAE,
+        architecture="topk",
+        k=K,
+        skip_connection=True,
+        apply_b_dec_to_input=True,
+        normalize_activations="expected_norm",
+    )
+    tc = Transcoder(cfg)
+    assert tc.W_skip.shape == (D_IN, 7) and tc.W_skip.abs().sum() == 0 and tc.W_dec.shape == (D_SAE, 7)
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, y = 3 * torch.randn(16, D_IN), 5 * torch.randn(16, 7)
+    tc.fit_normalization(x, y)
+    out = tc(x, y)
+    assert out.recon.shape == (16, 7)
+    torch.testing.assert_close(tc.decode(out.feats, x), out.recon, atol=1e-5, rtol=1e-5)
+    tc.eval()
+    before = tc(x, y).recon
+    tc.fold_activation_norm_scaling_factor()
+    torch.testing.assert_close(tc(x, y).recon, before, atol=1e-4, rtol=1e-5)
+
+
+def test_layer_norm_normalises_input_and_unnormalises_output() -> None:
+    sae = make_sae("relu", normalize_activations="layer_norm")
+    x = 10 * torch.randn(8, D_IN) + 3
+    out = sae(x)
+    mu, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True) + 1e-5
+    x_n = (x - mu) / std
+    feats = torch.relu((x_n - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    torch.testing.assert_close(out.feats, feats, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.recon, (feats @ sae.W_dec + sae.b_dec) * std + mu, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.mse_loss, ((feats @ sae.W_dec + sae.b_dec) - x_n).pow(2).sum(-1).mean())
+
+
+def test_b_dec_init_uses_normalised_activations() -> None:
+    x = 4 * torch.randn(200, D_IN) + 1
+    for method in ("mean", "geometric_median"):
+        sae = make_sae("relu", b_dec_init=method, normalize_activations="expected_norm")
+        scale = sae.fit_normalization(x)
+        b = sae.initialize_b_dec(x)
+        expected = (x * scale).mean(0) if method == "mean" else geometric_median(x * scale).median
+        torch.testing.assert_close(b, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_geometric_median_minimises_sum_of_distances() -> None:
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.randn(60, 3, generator=gen)
+    pts[:6] += 40.0  # outliers drag the mean, not the median
+    res = geometric_median(pts)
+    assert res.converged
+
+    def cost(y):
+        return (pts - y).norm(dim=1).sum()
+
+    assert cost(res.median) < cost(pts.mean(0))
+    assert res.median.norm() < 1.0 < pts.mean(0).norm()
+    # brute force: no point of a fine grid around the estimate, nor any sample, does better
+    offsets = torch.stack(torch.meshgrid(*[torch.linspace(-0.3, 0.3, 13)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    grid_costs = torch.stack([cost(res.median + o) for o in offsets])
+    assert cost(res.median) <= grid_costs.min() + 1e-4
+    assert cost(res.median) <= min(cost(p) for p in pts)
+    # 1-D: the geometric median is the ordinary median
+    line = torch.tensor([[0.0], [1.0], [2.0], [10.0], [50.0]])
+    assert geometric_median(line).median.item() == pytest.approx(2.0, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"architecture": "topq"}, "architecture='topq' is not valid; choose one of ['relu', 'topk'"),
+        ({"architecture": "topk", "k": 0}, "k=0 must satisfy 0 < k <= d_sae=48"),
+        ({"architecture": "batchtopk", "k": 49}, "k=49 must satisfy 0 < k <= d_sae=48"),
+        ({"d_in": 0}, "d_in must be positive"),
+        ({"l1_coefficient": -1.0}, "l1_coefficient must be >= 0"),
+        ({"aux_k_coefficient": -0.1}, "aux_k_coefficient must be >= 0"),
+        ({"normalize_activations": "batch"}, "normalize_activations='batch' is not valid"),
+        ({"architecture": "topk", "ghost_grads": True}, "ghost_grads=True is only defined for architecture='relu'"),
+        ({"architecture": "matryoshka_batchtopk", "matryoshka_prefixes": [8, 4]}, "strictly increasing"),
+        ({"dtype": "float8"}, "dtype 'float8' is not supported"),
+        ({"expansion_factor": 2}, "disagrees with d_in * expansion_factor"),
+        ({"jumprelu_bandwidth": 0.0}, "jumprelu_bandwidth must be > 0"),
+    ],
+)
+def test_config_validation_messages(kwargs: dict, message: str) -> None:
+    base = {"d_in": D_IN, "d_sae": D_SAE}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SAEConfig(**{**base, **kwargs})
+
+
+def test_config_round_trip_and_unknown_keys() -> None:
+    cfg = SAEConfig(d_in=8, expansion_factor=4, architecture="jumprelu")
+    assert cfg.d_sae == 32 and cfg.decoder_norm == "free" and cfg.decoder_init_norm == 0.1
+    assert SAEConfig(d_in=8, architecture="topk", k=2).decoder_norm == "unit"
+    assert SAEConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"Unknown SAEConfig fields \['l2'\]; valid fields: \["):
+        SAEConfig.from_dict({**cfg.to_dict(), "l2": 1})
+    tc = TranscoderConfig(d_in=8, d_sae=16)
+    assert tc.d_out == 8 and tc.apply_b_dec_to_input is False
+    assert TranscoderConfig.from_dict(tc.to_dict()) == tc
+
+
+def test_wrong_width_input_names_the_expected_shape() -> None:
+    sae = make_sae("relu")
+    with pytest.raises(ValueError, match=r"x has last dimension 5, but this SAE expects 12"):
+        sae(torch.randn(3, 5))
+    unfitted = SparseAutoencoder(SAEConfig(d_in=4, d_sae=8, normalize_activations="expected_norm"))
+    with pytest.raises(RuntimeError, match="fit_normalization"):
+        unfitted(torch.randn(2, 4))

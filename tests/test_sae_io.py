@@ -1,0 +1,348 @@
+"""SAE files: native round trips (bitwise), SAELens folders, ViT-Prisma checkpoints, refusal of pickled objects,
+readable errors for broken files, sparsity files and the Hub entry point (with the download function faked)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from prisma_lightning.sae import (
+    ARCHITECTURES,
+    SAEConfig,
+    SparseAutoencoder,
+    Transcoder,
+    TranscoderConfig,
+    load_sparsity,
+)
+from prisma_lightning.sae import io as sae_io
+
+D_IN, D_SAE = 8, 32
+
+
+def randomized(sae: SparseAutoencoder) -> SparseAutoencoder:
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.add_(0.1 * torch.randn_like(p)) if name != "log_threshold" else p.add_(torch.rand_like(p))
+        if hasattr(sae, "running_threshold"):
+            sae.running_threshold.fill_(0.123)
+    return sae
+
+
+def file_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "sae_weights.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_save_load_round_trip_is_bitwise(arch: str, tmp_path: Path) -> None:
+    cfg = SAEConfig(
+        d_in=D_IN,
+        d_sae=D_SAE,
+        architecture=arch,
+        k=3,
+        hook_name="blocks.4.hook_resid_post",
+        model_name="test/vit-tiny",
+        normalize_activations="expected_norm",
+        context_size=50,
+    )
+    sae = randomized(SparseAutoencoder(cfg))
+    sae.fit_normalization(3 * torch.randn(64, D_IN))
+    sae.save(tmp_path / "sae")
+    loaded = SparseAutoencoder.load(tmp_path / "sae")
+    assert type(loaded) is SparseAutoencoder and loaded.cfg == sae.cfg
+    for key, value in sae_io._file_tensors(sae).items():
+        assert torch.equal(sae_io._file_tensors(loaded)[key], value), key
+    for name in ("norm_scale_in", "norm_scale_out"):
+        assert torch.equal(getattr(loaded, name), getattr(sae, name))
+    if arch == "jumprelu":
+        torch.testing.assert_close(loaded.log_threshold, sae.log_threshold)
+    # the saved file itself round-trips bitwise (save(load(f)) == f)
+    loaded.save(tmp_path / "again")
+    first, second = file_tensors(tmp_path / "sae"), file_tensors(tmp_path / "again")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    x = torch.randn(16, D_IN)
+    sae.eval(), loaded.eval()
+    assert torch.equal(loaded.encode(x), sae.encode(x))
+    assert not list((tmp_path / "sae").glob(".*.tmp")), "atomic writes must not leave temporary files"
+
+
+def test_cfg_json_speaks_saelens(tmp_path: Path) -> None:
+    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture="topk", k=5, hook_name="blocks.7.hook_mlp_out")
+    SparseAutoencoder(cfg).save(tmp_path)
+    raw = json.loads((tmp_path / "cfg.json").read_text())
+    assert raw["architecture"] == "topk" and raw["k"] == 5 and raw["activation_fn_kwargs"] == {"k": 5}
+    assert raw["hook_name"] == "blocks.7.hook_mlp_out" and raw["hook_layer"] == 7 and raw["d_sae"] == D_SAE
+    assert raw["prisma_lightning"]["config"]["architecture"] == "topk"
+    tensors = file_tensors(tmp_path)
+    assert tensors["W_enc"].shape == (D_IN, D_SAE) and tensors["W_dec"].shape == (D_SAE, D_IN)
+    # a BatchTopK SAE is written as a SAELens JumpReLU with its running threshold broadcast
+    sae = randomized(SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture="batchtopk", k=2)))
+    sae.save(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "cfg.json").read_text())["architecture"] == "jumprelu"
+    assert torch.equal(file_tensors(tmp_path / "b")["threshold"], torch.full((D_SAE,), 0.123))
+
+
+def test_transcoder_round_trip(tmp_path: Path) -> None:
+    cfg = TranscoderConfig(
+        d_in=D_IN,
+        d_out=5,
+        d_sae=D_SAE,
+        skip_connection=True,
+        apply_b_dec_to_input=True,
+        hook_name="blocks.1.ln2.hook_normalized",
+        hook_name_out="blocks.1.hook_mlp_out",
+    )
+    tc = randomized(Transcoder(cfg))
+    tc.save(tmp_path)
+    assert file_tensors(tmp_path)["W_skip"].shape == (5, D_IN)  # SAELens' [d_out, d_in] layout
+    loaded = SparseAutoencoder.load(tmp_path)
+    assert isinstance(loaded, Transcoder) and loaded.cfg == cfg
+    for name, p in tc.named_parameters():
+        assert torch.equal(getattr(loaded, name), p), name
+    SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=D_SAE)).save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="holds a SparseAutoencoder, not a Transcoder"):
+        Transcoder.load(tmp_path / "plain")
+
+
+def test_sparsity_round_trip(tmp_path: Path) -> None:
+    sae = SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=D_SAE))
+    log_density = torch.log10(torch.rand(D_SAE) + 1e-6)
+    sae.save(tmp_path, sparsity=log_density)
+    assert torch.equal(load_sparsity(tmp_path), log_density)
+    assert load_sparsity(tmp_path / "missing") is None
+    with pytest.raises(ValueError, match=r"sparsity must have shape \[d_sae\]=\[32\]"):
+        sae.save(tmp_path, sparsity=torch.zeros(3))
+
+
+def write_saelens_folder(folder: Path, cfg: dict, tensors: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "sae_weights.safetensors"))
+
+
+def saelens_tensors(d_in: int = D_IN, d_sae: int = D_SAE) -> dict[str, torch.Tensor]:
+    return {
+        "W_enc": torch.randn(d_in, d_sae),
+        "W_dec": torch.randn(d_sae, d_in),
+        "b_enc": torch.randn(d_sae),
+        "b_dec": torch.randn(d_in),
+    }
+
+
+def test_saelens_v5_standard_folder_loads(tmp_path: Path) -> None:
+    cfg = {
+        "architecture": "standard",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "activation_fn_str": "relu",
+        "apply_b_dec_to_input": True,
+        "hook_name": "blocks.3.hook_resid_pre",
+        "hook_layer": 3,
+        "model_name": "gpt2-small",
+        "context_size": 128,
+        "dtype": "float32",
+        "device": "cuda",  # where it was trained; loading defaults to the CPU
+        "normalize_activations": "none",
+        "finetuning_scaling_factor": False,
+        "sae_lens_training_version": "3.0",
+    }
+    t = saelens_tensors()
+    write_saelens_folder(tmp_path, cfg, t)
+    sae = SparseAutoencoder.load(tmp_path)
+    assert sae.cfg.architecture == "relu" and sae.cfg.hook_name == "blocks.3.hook_resid_pre"
+    assert sae.W_enc.device.type == "cpu" and sae.cfg.device == "cpu"
+    x = torch.randn(10, D_IN)
+    torch.testing.assert_close(sae.encode(x), torch.relu((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]))
+
+
+def test_saelens_v6_jumprelu_and_topk_folders_load(tmp_path: Path) -> None:
+    t = saelens_tensors()
+    t["threshold"] = torch.rand(D_SAE)
+    cfg = {
+        "architecture": "jumprelu",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"hook_name": "blocks.0.hook_resid_post", "model_name": "m", "sae_lens_version": "6.5.0"},
+    }
+    write_saelens_folder(tmp_path / "j", cfg, t)
+    sae = SparseAutoencoder.load(tmp_path / "j")
+    assert sae.cfg.architecture == "jumprelu" and sae.cfg.hook_name == "blocks.0.hook_resid_post"
+    # a float32 log-threshold cannot hold every float32 threshold exactly: equal to within an ulp
+    torch.testing.assert_close(sae.threshold, t["threshold"], rtol=2e-7, atol=0)
+    x = torch.randn(10, D_IN)
+    pre = x @ t["W_enc"] + t["b_enc"]
+    torch.testing.assert_close(sae.encode(x), pre * (pre > sae.threshold))
+    cfg_topk = {**cfg, "architecture": "topk", "k": 3}
+    del t["threshold"]
+    write_saelens_folder(tmp_path / "t", cfg_topk, t)
+    assert SparseAutoencoder.load(tmp_path / "t").cfg.k == 3
+
+
+def vit_prisma_config(**kw) -> dict:
+    cfg = {
+        "model_name": "open-clip:laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K",
+        "hook_point_layer": 9,
+        "layer_subtype": "hook_resid_post",
+        "context_size": 50,
+        "d_in": D_IN,
+        "expansion_factor": 4,
+        "activation_fn_str": "relu",
+        "activation_fn_kwargs": {},
+        "architecture": "standard",
+        "normalize_activations": "layer_norm",
+        "b_dec_init_method": "geometric_median",
+        "_dtype": "float32",
+        "_device": "cuda",
+        "cls_token_only": False,
+        "use_patches_only": False,
+        "is_transcoder": False,
+        "l1_coefficient": 1e-5,
+    }
+    cfg.update(kw)
+    return cfg
+
+
+def vit_prisma_encode(t: dict[str, torch.Tensor], x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """ViT-Prisma's StandardSparseAutoencoder.encode, restated: layer norm, centre, project, activation."""
+    mu = x.mean(-1, keepdim=True)
+    xc = x - mu
+    x_n = xc / (xc.std(-1, keepdim=True) + 1e-5)
+    pre = (x_n - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    if k is None:
+        return torch.relu(pre)
+    v, i = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, i, v.relu())
+
+
+@pytest.mark.parametrize(("name", "nested", "topk"), [("weights.pt", False, False), ("n_images_520028.pt", True, True)])
+def test_vit_prisma_checkpoint_loads_and_encodes_the_same(tmp_path: Path, name: str, nested: bool, topk: bool) -> None:
+    t = saelens_tensors()
+    cfg = vit_prisma_config(activation_fn_str="topk", activation_fn_kwargs={"k": 3}) if topk else vit_prisma_config()
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "n_images_1000.pt").write_bytes(b"an older checkpoint, never read")
+    torch.save({"state_dict": t} if nested else t, tmp_path / name)
+    for path in (tmp_path, tmp_path / name):
+        sae = SparseAutoencoder.load(path)
+        assert sae.cfg.hook_name == "blocks.9.hook_resid_post" and sae.cfg.d_sae == 4 * D_IN
+        assert sae.cfg.architecture == ("topk" if topk else "relu") and sae.cfg.normalize_activations == "layer_norm"
+        x = 5 * torch.randn(12, D_IN) + 1
+        torch.testing.assert_close(sae.encode(x), vit_prisma_encode(t, x, 3 if topk else None))
+
+
+def test_vit_prisma_transcoder_maps_biases_and_skip(tmp_path: Path) -> None:
+    t = saelens_tensors()
+    t["W_dec"] = torch.randn(D_SAE, 6)
+    t["b_dec_out"], t["W_skip"] = torch.randn(6), torch.randn(6, D_IN)
+    cfg = vit_prisma_config(
+        is_transcoder=True,
+        d_out=6,
+        normalize_activations="none",
+        d_sae=D_SAE,
+        out_hook_point_layer=9,
+        layer_out_subtype="hook_mlp_out",
+    )
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    torch.save(t, tmp_path / "weights.pt")
+    tc = SparseAutoencoder.load(tmp_path)
+    assert isinstance(tc, Transcoder) and tc.cfg.hook_name_out == "blocks.9.hook_mlp_out"
+    x = torch.randn(4, D_IN)
+    f = torch.relu((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
+    expected = f @ t["W_dec"] + t["b_dec_out"] + x @ t["W_skip"].T
+    torch.testing.assert_close(tc(x, torch.zeros(4, 6)).recon, expected, atol=1e-5, rtol=1e-5)
+
+
+class NotATensor:
+    """Stands in for ViT-Prisma's pickled config dataclass (or anything a malicious file could carry)."""
+
+    def __init__(self) -> None:
+        self.d_in = D_IN
+
+
+def test_pickled_objects_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(vit_prisma_config()))
+    torch.save({"cfg": NotATensor(), "state_dict": saelens_tensors()}, tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match=r"weights\.pt could not be read as plain tensors.*weights_only=True"):
+        SparseAutoencoder.load(tmp_path)
+
+
+def test_broken_files_raise_errors_that_name_file_and_field(tmp_path: Path) -> None:
+    sae = SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=D_SAE))
+    sae.save(tmp_path)
+    t = file_tensors(tmp_path)
+    save_file({**t, "W_enc": torch.zeros(D_IN, D_SAE + 1)}, str(tmp_path / "sae_weights.safetensors"))
+    shape_error = r"sae_weights\.safetensors: tensor 'W_enc' has shape \[8, 33\], expected \[8, 32\]"
+    with pytest.raises(ValueError, match=shape_error):
+        SparseAutoencoder.load(tmp_path)
+    save_file({k: v for k, v in t.items() if k != "b_enc"}, str(tmp_path / "sae_weights.safetensors"))
+    with pytest.raises(ValueError, match=r"sae_weights\.safetensors: missing tensor 'b_enc'"):
+        SparseAutoencoder.load(tmp_path)
+    save_file(t, str(tmp_path / "sae_weights.safetensors"))
+    raw = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps(raw)[:-10])
+    with pytest.raises(ValueError, match=r"cfg\.json is not valid JSON"):
+        SparseAutoencoder.load(tmp_path)
+    raw["prisma_lightning"]["config"]["k_sparse"] = 3
+    (tmp_path / "cfg.json").write_text(json.dumps(raw))
+    unknown = r"cfg\.json: field 'prisma_lightning\.config': Unknown SAEConfig fields \['k_sparse'\]"
+    with pytest.raises(ValueError, match=unknown):
+        SparseAutoencoder.load(tmp_path)
+    del raw["prisma_lightning"], raw["d_in"]
+    (tmp_path / "cfg.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"cfg\.json: missing field 'd_in'"):
+        SparseAutoencoder.load(tmp_path)
+    (tmp_path / "sae_weights.safetensors").write_bytes(b"\x00" * 12)
+    with pytest.raises(ValueError, match=r"sae_weights\.safetensors is not a readable safetensors file"):
+        SparseAutoencoder.load(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds neither cfg.json"):
+        SparseAutoencoder.load(tmp_path / "empty")
+
+
+def test_vit_prisma_config_errors_name_the_field(tmp_path: Path) -> None:
+    torch.save(saelens_tensors(), tmp_path / "weights.pt")
+    (tmp_path / "config.json").write_text(json.dumps(vit_prisma_config(normalize_activations="constant_norm_rescale")))
+    with pytest.raises(ValueError, match=r"config\.json: field 'normalize_activations'='constant_norm_rescale'"):
+        SparseAutoencoder.load(tmp_path)
+    cfg = vit_prisma_config()
+    del cfg["expansion_factor"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json: missing field 'expansion_factor'"):
+        SparseAutoencoder.load(tmp_path)
+
+
+def test_from_pretrained_downloads_through_hub_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sae = randomized(SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture="topk", k=2)))
+    sae.save(tmp_path / "repo" / "layer_3")
+    calls = []
+
+    def fake_download(repo_id, filename, revision=None, subfolder=None):
+        calls.append((repo_id, filename, revision, subfolder))
+        path = tmp_path / "repo" / (subfolder or "") / filename
+        if not path.exists():
+            raise FileNotFoundError(f"{filename!r} was not found in {repo_id!r}")
+        return str(path)
+
+    monkeypatch.setattr(sae_io, "hub_download", fake_download)
+    loaded = SparseAutoencoder.from_pretrained("someone/saes", subfolder="layer_3", revision="main")
+    assert torch.equal(loaded.W_dec, sae.W_dec)
+    assert ("someone/saes", "cfg.json", "main", "layer_3") in calls
+    # a ViT-Prisma repo: no cfg.json, but config.json + weights.pt
+    (tmp_path / "repo" / "prisma").mkdir()
+    (tmp_path / "repo" / "prisma" / "config.json").write_text(json.dumps(vit_prisma_config()))
+    torch.save(saelens_tensors(), tmp_path / "repo" / "prisma" / "weights.pt")
+    assert SparseAutoencoder.from_pretrained("someone/saes", subfolder="prisma").cfg.hook_name.startswith("blocks.9")
+    with pytest.raises(FileNotFoundError, match="found neither cfg.json"):
+        SparseAutoencoder.from_pretrained("someone/saes", subfolder="nothing")
+
+
+def test_from_pretrained_offline_error_is_readable() -> None:
+    with pytest.raises(FileNotFoundError, match="prisma-test/no-such-sae-repo"):
+        SparseAutoencoder.from_pretrained("prisma-test/no-such-sae-repo")
