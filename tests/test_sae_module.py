@@ -219,3 +219,32 @@ def test_video_backbone_online(tmp_path) -> None:
                        batch_tokens=32, init_tokens=32)  # fmt: skip
     trainer(tmp_path, max_steps=4).fit(module, image_loader(n=8, batch=2, frames=4))
     assert int(module.tokens_seen) == 4 * 32  # 2 clips x (2 x 4 x 4) tubelets = 64 rows = 2 steps per batch
+
+
+def test_custom_sae_subclass_example_runs_through_the_cli(tmp_path, monkeypatch) -> None:
+    from pathlib import Path
+
+    from prisma_lightning.activations import ShardWriter
+    from prisma_lightning.cli import PrismaCLI
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "examples"))
+    writer = ShardWriter(tmp_path / "acts", d=64, tokens_per_image=16, images_per_shard=32)
+    writer.add(torch.randn(64 * 16, 64), 64)
+    writer.close()
+    args = [
+        "fit", "--config", str(root / "configs/sae/cached_shards.yaml"),
+        "--model", "custom_sae_loss.DecorrelatedSAEModule",
+        "--model.init_args.overlap_coefficient", "0.5",
+        "--model.init_args.export_dir", str(tmp_path / "sae"),
+        "--data.init_args.path", str(tmp_path / "acts"),
+        "--data.init_args.batch_size", "128",
+        "--trainer.max_steps", "5",
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    cli = PrismaCLI(args=args)
+    assert type(cli.model).__name__ == "DecorrelatedSAEModule" and cli.model.overlap_coefficient == 0.5
+    assert cli.model.sae.cfg.d_in == 64 and cli.model.sae.cfg.k == 8  # the config's other arguments still apply
+    assert "train/decoder_overlap" in cli.trainer.logged_metrics
+    assert (tmp_path / "sae" / "cfg.json").is_file()
