@@ -31,7 +31,6 @@ class PrismaCLI(LightningCLI):
         parser_kwargs.setdefault("description", "prisma-lightning: interpretability of vision transformers.")
         super().__init__(*args, **kwargs)
 
-
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         plugins = config.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
