@@ -55,6 +55,8 @@ class TranscoderModule(SAEModule):
         return self.sae(x, target, step=self.global_step, return_feats=False)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if not bool(self.initialized):  # e.g. the sanity check before the first step: nothing to measure yet
+            return None
         rows = self.activations(batch)
         x, target = self.split(rows)
         with torch.no_grad():
