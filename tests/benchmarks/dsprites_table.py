@@ -1,10 +1,14 @@
 """Reproduce ViT-Prisma's dSprites shape-classification table (1-4 layers, attention+MLP and attention-only) on CPU.
 
 Each row trains the model of ``configs/vit/dsprites_{n}l[_attn_only].yaml`` through ``PrismaCLI`` (the same
-command a user runs) with a smaller budget (``--steps``, ``--batch-size``, ``--subset-size``), then measures
-shape accuracy on that config's held-out test split, and prints a markdown table with ViT-Prisma's published
-accuracy beside ours. ViT-Prisma trained far longer on a GPU (batch 512, full dataset), so at a CPU budget our
-numbers are lower bounds; the ordering across depths and MLP vs attention-only is what to compare.
+command a user runs) with a smaller budget (``--steps``, ``--batch-size``, ``--subset-size``; the configs' own
+budget is 8,000 steps), then measures shape accuracy on held-out images and prints a markdown table with
+ViT-Prisma's published accuracy beside ours.
+
+Read the numbers as a budget-limited reproduction: every model first sits on a plateau near 0.45-0.5 for about
+1,000 steps of batch 128 before shape features emerge, so at the default budget (1,200 steps per model, about
+20 minutes for the eight models on a shared 2-core CPU) the rows show how far each model got out of it, one seed
+each. The full 2-layer config (8,000 steps) reaches about 0.97 (see examples/checkpoints/dsprites-vit-2l).
 
 Run: ``python tests/benchmarks/dsprites_table.py`` (``--help`` for the budget; ``--json`` writes the numbers).
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +35,7 @@ VIT_PRISMA = {  # accuracy from ViT-Prisma's README (docs/experiments/dSprites_r
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per model")
+    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per model")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--subset-size", type=int, default=200_000, help="dSprites images drawn (train+val+test)")
     parser.add_argument("--test-images", type=int, default=2000, help="held-out images scored per model")
@@ -54,8 +59,7 @@ def train_and_score(path: Path, args: argparse.Namespace, workdir: Path) -> dict
     fraction = args.test_images / args.subset_size
     overrides = [
         "--trainer.max_steps", str(args.steps),
-        "--trainer.val_check_interval", str(args.steps),
-        "--trainer.limit_val_batches", "4",
+        "--trainer.limit_val_batches", "0",
         "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
@@ -70,7 +74,11 @@ def train_and_score(path: Path, args: argparse.Namespace, workdir: Path) -> dict
         "--data.init_args.batch_size", str(args.batch_size),
     ]  # fmt: skip
     start = time.perf_counter()
-    cli = PrismaCLI(args=["fit", "--config", str(path), *overrides])
+    argv, sys.argv = sys.argv, sys.argv[:1]  # this script's own flags are not meant for the CLI
+    try:
+        cli = PrismaCLI(args=["fit", "--config", str(path), *overrides])
+    finally:
+        sys.argv = argv
     seconds = time.perf_counter() - start
     model = cli.model.model.eval()
     loader = torch.utils.data.DataLoader(cli.datamodule.test_set, batch_size=500)
