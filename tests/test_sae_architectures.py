@@ -28,6 +28,15 @@ from prisma_lightning.sae.sparse_ops import batch_topk_select, pre_activations, 
 D_IN, D_SAE, K = 12, 48, 4
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Single-threaded: tiny tensors, where thread start-up and waiting cost more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_sae(arch: str, **kw) -> SparseAutoencoder:
     cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=arch, k=K, seed=1, **kw)
     sae = SparseAutoencoder(cfg)
@@ -209,7 +218,7 @@ def test_sparse_ops_gradcheck_float64() -> None:
     assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, w, pattern), (values, W))
 
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    W_enc = torch.randn(9, 4, dtype=torch.float64).t().requires_grad_()  # feature-major storage, as in the SAE
+    W_enc = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
     b_enc = torch.randn(9, dtype=torch.float64, requires_grad=True)
     b_in = torch.randn(4, dtype=torch.float64, requires_grad=True)
 
@@ -217,6 +226,8 @@ def test_sparse_ops_gradcheck_float64() -> None:
         return sparse_encode(x, W_enc, b_enc, b_in, lambda pre: topk_select(pre, 3))[0]
 
     assert torch.autograd.gradcheck(encode, (x, W_enc, b_enc, b_in))
+    W_enc_feature_major = torch.randn(9, 4, dtype=torch.float64).t().requires_grad_()
+    assert torch.autograd.gradcheck(encode, (x, W_enc_feature_major, b_enc, b_in))
 
 
 def test_sparse_topk_encoder_gradients_match_dense_autograd() -> None:
@@ -233,22 +244,25 @@ def test_sparse_topk_encoder_gradients_match_dense_autograd() -> None:
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
 
-def test_fused_relu_gradients_match_autograd() -> None:
+@pytest.mark.parametrize("feature_major", [False, True])
+def test_fused_relu_gradients_match_autograd(feature_major: bool) -> None:
     torch.manual_seed(0)
     x = torch.randn(16, 5, requires_grad=True)
-    W_enc = torch.randn(11, 5).t().requires_grad_()
+    W_enc = (torch.randn(11, 5).t() if feature_major else torch.randn(5, 11)).requires_grad_()
     W_dec, b_enc, b_in, b_dec = (torch.randn(*s, requires_grad=True) for s in ((11, 5), (11,), (5,), (5,)))
     tensors = (x, W_enc, b_enc, b_in, W_dec, b_dec)
 
     def loss_of(feats, recon, l1):
         return (recon - 1).pow(2).sum() + 0.3 * l1.sum() + (feats * torch.linspace(0, 1, 11)).sum()
 
-    feats, recon, l1 = relu_sae(x, W_enc, b_enc, b_in, W_dec, b_dec, W_dec.norm(dim=1))
+    feats, recon, l1, l0 = relu_sae(x, W_enc, b_enc, b_in, W_dec, b_dec, True)
+    assert torch.equal(l0, (feats > 0).sum(-1).float())
     grads = torch.autograd.grad(loss_of(feats, recon, l1), tensors)
     f = torch.relu((x - b_in) @ W_enc + b_enc)
     grads_ref = torch.autograd.grad(loss_of(f, f @ W_dec + b_dec, f @ W_dec.norm(dim=1)), tensors)
     for got, ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    assert grads[1].stride() == W_enc.stride()  # laid out like the weight: no copy in autograd or the optimizer
 
 
 def test_auxk_is_zero_without_dead_features_and_trains_only_dead_ones() -> None:
@@ -286,6 +300,34 @@ def test_ghost_grads_change_the_loss_when_features_are_dead() -> None:
     sae.zero_grad()
     out.aux_loss.backward()
     assert sae.W_enc.grad[:, 10:].abs().max() == 0 and sae.W_enc.grad[:, :10].abs().max() > 0
+
+
+def test_jumprelu_tanh_penalty_and_pre_activation_loss() -> None:
+    sae = make_sae(
+        "jumprelu",
+        jumprelu_sparsity_loss="tanh",
+        jumprelu_tanh_scale=2.0,
+        l0_coefficient=0.5,
+        jumprelu_pre_act_coefficient=0.1,
+        dead_feature_window=2,
+    )
+    x = torch.randn(32, D_IN)
+    sae.train()
+    out = sae(x)
+    penalty = torch.tanh(2.0 * out.feats * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    torch.testing.assert_close(out.sparsity_loss, 0.5 * penalty)
+    assert out.aux_loss.item() == 0.0  # nothing is dead yet
+    dead = torch.arange(5)
+    with torch.no_grad():
+        sae.steps_since_fired[dead] = 2
+    out = sae(x)
+    pre = pre_activations(x, sae.W_enc, sae.b_enc, sae.b_dec)
+    t = sae.log_threshold.exp()
+    gap = ((t - pre).relu() * sae.W_dec.norm(dim=1))[:, :5].sum(-1).mean()
+    torch.testing.assert_close(out.aux_loss, 0.1 * gap)
+    sae.zero_grad()
+    out.aux_loss.backward()
+    assert sae.W_enc.grad[:, 5:].abs().max() == 0 and sae.W_enc.grad[:, :5].abs().max() > 0
 
 
 def test_firing_counter_resets_active_features() -> None:

@@ -4,6 +4,8 @@ readable errors for broken files, sparsity files and the Hub entry point (with t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -346,3 +348,45 @@ def test_from_pretrained_downloads_through_hub_download(tmp_path: Path, monkeypa
 def test_from_pretrained_offline_error_is_readable() -> None:
     with pytest.raises(FileNotFoundError, match="prisma-test/no-such-sae-repo"):
         SparseAutoencoder.from_pretrained("prisma-test/no-such-sae-repo")
+
+
+def test_vit_prisma_gated_checkpoint_ignores_its_unused_b_enc(tmp_path: Path) -> None:
+    t = saelens_tensors()  # ViT-Prisma's GatedSparseAutoencoder also stores a b_enc it never uses
+    t.update(b_gate=torch.randn(D_SAE), r_mag=0.1 * torch.randn(D_SAE), b_mag=torch.randn(D_SAE))
+    (tmp_path / "config.json").write_text(
+        json.dumps(vit_prisma_config(architecture="gated", normalize_activations="none"))
+    )
+    torch.save(t, tmp_path / "weights.pt")
+    sae = SparseAutoencoder.load(tmp_path)
+    assert sae.cfg.architecture == "gated" and not hasattr(sae, "b_enc")
+    x = torch.randn(6, D_IN)
+    x_c = x - t["b_dec"]
+    gate = (x_c @ t["W_enc"] + t["b_gate"] > 0).float()
+    torch.testing.assert_close(sae.encode(x), gate * torch.relu(x_c @ (t["W_enc"] * t["r_mag"].exp()) + t["b_mag"]))
+
+
+def test_saelens_batchtopk_training_checkpoint_loads(tmp_path: Path) -> None:
+    t = {**saelens_tensors(), "topk_threshold": torch.tensor(0.25, dtype=torch.float64)}
+    cfg = {
+        "architecture": "batchtopk",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "k": 3.0,
+        "dtype": "float32",
+        "normalize_activations": "none",
+        "metadata": {"sae_lens_version": "6.0.0"},
+    }
+    write_saelens_folder(tmp_path, cfg, t)
+    sae = SparseAutoencoder.load(tmp_path)
+    assert sae.cfg.architecture == "batchtopk" and sae.cfg.k == 3 and sae.running_threshold.item() == 0.25
+
+
+def test_sae_package_imports_only_torch_and_safetensors() -> None:
+    code = (
+        "import sys, prisma_lightning.sae\n"
+        "heavy = {'timm', 'transformers', 'huggingface_hub', 'lightning', 'open_clip', 'torchvision'}\n"
+        "loaded = sorted(m for m in sys.modules\n"
+        "                if m.split('.')[0] in heavy or m.startswith('prisma_lightning.backbones'))\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,7 +1,7 @@
 """Dictionary recovery: every architecture, trained on activations built from a known sparse dictionary, must find
 its atoms. The data: 512 random unit-norm atoms in 64 dimensions, 4 active atoms per sample with magnitudes in
 [0.5, 1.5], plus Gaussian noise of std 0.01 per dimension. An atom counts as recovered when some decoder row has
-cosine similarity >= 0.9 with it; each SAE must recover >= 90% of the atoms. Training stops early once 95% are
+cosine similarity >= 0.9 with it; each SAE must recover >= 90% of the atoms. Training stops early once 92% are
 recovered (checked every 50 steps), so a healthy run takes a few hundred steps.
 
 JumpReLU is trained here with Anthropic's tanh penalty: with the step-function L0 penalty alone, Adam moves each
@@ -23,6 +23,16 @@ from prisma_lightning.sae import (
 )
 
 D, N_ATOMS, ACTIVE = 64, 512, 4
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Single-threaded: these matrices are small, and on a busy 2-core machine OpenMP threads that wait for each
+    other make each step several times slower than one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class SparseDictionaryData:
@@ -65,7 +75,7 @@ def train_until_recovered(sae, data: SparseDictionaryData, lr: float, max_steps:
         assert torch.isfinite(out.loss), f"loss diverged at step {step}"
         if (step + 1) % 50 == 0:
             fraction = recovered_fraction(sae.W_dec, atoms)
-            if fraction >= 0.95:
+            if fraction >= 0.92:
                 break
     return fraction
 
@@ -110,7 +120,7 @@ def test_transcoder_learns_a_sparse_map() -> None:
     cfg = TranscoderConfig(
         d_in=D,
         d_out=48,
-        d_sae=512,
+        d_sae=1024,
         architecture="topk",
         k=ACTIVE,
         b_dec_init="mean",

@@ -67,51 +67,68 @@ def step(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     return _Step.apply(pre, threshold, bandwidth)
 
 
+def _weight_grad_like(W: Tensor, grad_t: Tensor) -> Tensor:
+    """``grad_t.T`` laid out like ``W`` (so autograd and fused optimizers need no copy)."""
+    return grad_t.t() if W.stride(0) == 1 else grad_t.t().contiguous()
+
+
 class _ReluSAE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_in, W_dec, b_dec, l1_weight):
+    def forward(ctx, x, W_enc, b_enc, b_in, W_dec, b_dec, l1_norm_weighted):
         ctx.set_materialize_grads(False)
         feats = pre_activations(x, W_enc, b_enc, b_in).relu_()
         recon = torch.addmm(b_dec, feats, W_dec)
-        l1 = feats @ l1_weight if l1_weight is not None else None
-        ctx.save_for_backward(x, W_enc, b_in, W_dec, l1_weight, feats)
-        return feats, recon, l1
+        norms = W_dec.norm(dim=1) if l1_norm_weighted else None
+        l1 = feats @ norms if norms is not None else None
+        # L0 per token as sign(f).sum(-1): a float pass plus a fast row sum (per-row counting kernels are several
+        # times slower on CPU). The [n, d_sae] buffer is then reused for the backward's feature gradient.
+        work = torch.sign(feats)
+        l0 = work.sum(-1)
+        ctx.work = work
+        ctx.mark_non_differentiable(l0)
+        ctx.save_for_backward(x, W_enc, b_in, W_dec, norms, feats)
+        return feats, recon, l1, l0
 
     @staticmethod
-    def backward(ctx, grad_feats, grad_recon, grad_l1):
-        x, W_enc, b_in, W_dec, l1_weight, feats = ctx.saved_tensors
+    def backward(ctx, grad_feats, grad_recon, grad_l1, _grad_l0):
+        x, W_enc, b_in, W_dec, norms, feats = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_pre = None
+        grad_pre, work = None, ctx.work
+        ctx.work = None
         if grad_recon is not None:
-            grad_pre = grad_recon @ W_dec.t()
+            grad_pre = torch.mm(grad_recon, W_dec.t(), out=work)
         if grad_l1 is not None:
             if grad_pre is None:
-                grad_pre = torch.outer(grad_l1, l1_weight)
+                grad_pre = torch.outer(grad_l1, norms)
             else:
-                grad_pre.addr_(grad_l1, l1_weight)
+                grad_pre.addr_(grad_l1, norms)
         if grad_feats is not None:
             grad_pre = grad_feats.clone() if grad_pre is None else grad_pre.add_(grad_feats)
-        grad_W_dec = grad_b_dec = grad_l1_weight = None
-        if grad_recon is not None:
-            grad_W_dec = feats.t() @ grad_recon if need[4] else None
-            grad_b_dec = grad_recon.sum(0) if need[5] else None
-        if grad_l1 is not None and need[6]:
-            grad_l1_weight = feats.t() @ grad_l1
+        grad_W_dec = grad_b_dec = None
+        if need[4] and (grad_recon is not None or grad_l1 is not None):
+            grad_W_dec = feats.t() @ grad_recon if grad_recon is not None else torch.zeros_like(W_dec)
+            if grad_l1 is not None:  # d(f @ ||W_dec||)/dW_dec = (f^T grad_l1 / ||W_dec||) * W_dec, row-wise
+                grad_W_dec.addcmul_(W_dec, ((feats.t() @ grad_l1) / norms.clamp_min(1e-12))[:, None])
+        if grad_recon is not None and need[5]:
+            grad_b_dec = grad_recon.sum(0)
         if grad_pre is None:
-            return None, None, None, None, grad_W_dec, grad_b_dec, grad_l1_weight
-        grad_pre.masked_fill_(feats == 0, 0)  # ReLU mask, in place in a buffer this node owns
+            return None, None, None, None, grad_W_dec, grad_b_dec, None
+        # ReLU mask applied in place, in one pass, in a buffer this node owns
+        torch.ops.aten.threshold_backward.grad_input(grad_pre, feats, 0.0, grad_input=grad_pre)
         grad_b_enc = grad_pre.sum(0)
         grad_W_enc = grad_b_in = grad_x = None
         if need[1]:
-            grad_w_t = grad_pre.t() @ x  # [d_sae, d_in]: the layout of W_enc's feature-major storage
+            if W_enc.stride(0) == 1:  # feature-major storage: build the transpose
+                grad_W_enc = _weight_grad_like(W_enc, grad_pre.t() @ x)
+            else:
+                grad_W_enc = x.t() @ grad_pre
             if b_in is not None:
-                grad_w_t.addr_(grad_b_enc, b_in, alpha=-1)
-            grad_W_enc = grad_w_t.t()
+                grad_W_enc.addr_(b_in, grad_b_enc, alpha=-1)
         if b_in is not None and need[3]:
             grad_b_in = -(W_enc @ grad_b_enc)
         if need[0]:
             grad_x = grad_pre @ W_enc.t()
-        return grad_x, grad_W_enc, grad_b_enc if need[2] else None, grad_b_in, grad_W_dec, grad_b_dec, grad_l1_weight
+        return grad_x, grad_W_enc, grad_b_enc if need[2] else None, grad_b_in, grad_W_dec, grad_b_dec, None
 
 
 def relu_sae(
@@ -121,12 +138,12 @@ def relu_sae(
     b_in: Tensor | None,
     W_dec: Tensor,
     b_dec: Tensor,
-    l1_weight: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    l1_norm_weighted: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """A ReLU SAE as one autograd node.
 
-    Returns ``feats = relu((x - b_in) @ W_enc + b_enc) [n, d_sae]``, ``recon = feats @ W_dec + b_dec [n, d_out]``
-    and, if ``l1_weight [d_sae]`` is given, the per-token penalty ``feats @ l1_weight [n]`` (pass the decoder row
-    norms for Anthropic's norm-weighted L1; they may require grad).
+    Returns ``feats = relu((x - b_in) @ W_enc + b_enc) [n, d_sae]``, ``recon = feats @ W_dec + b_dec [n, d_out]``,
+    with ``l1_norm_weighted`` Anthropic's per-token penalty ``feats @ ||W_dec||_rows [n]`` (else None; its gradient
+    reaches ``W_dec`` through the row norms too), and the number of active features per token ``l0 [n]``.
     """
-    return _ReluSAE.apply(x, W_enc, b_enc, b_in, W_dec, b_dec, l1_weight)
+    return _ReluSAE.apply(x, W_enc, b_enc, b_in, W_dec, b_dec, l1_norm_weighted)

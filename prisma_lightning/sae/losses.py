@@ -20,8 +20,7 @@ from .sparse_ops import SparsePattern, pre_activations, sparse_decode
 
 
 def _dead_encoder(W_enc: Tensor, b_enc: Tensor, dead: Tensor) -> tuple[Tensor, Tensor]:
-    # W_enc is stored feature-major, so gathering its columns is a contiguous row gather of W_enc.T.
-    return W_enc.t().index_select(0, dead).t(), b_enc.index_select(0, dead)
+    return W_enc.index_select(1, dead), b_enc.index_select(0, dead)
 
 
 def auxk_loss(

@@ -9,8 +9,7 @@ its size does not depend on the batch size. ``forward`` returns the reconstructi
 
 Parameters follow SAELens: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``, ``b_enc [d_sae]``, ``b_dec [d_out]``;
 Gated SAEs have ``b_gate``, ``r_mag``, ``b_mag`` instead of ``b_enc``; JumpReLU learns ``log_threshold``.
-``W_enc`` is stored feature-major (it is the transpose of a contiguous ``[d_sae, d_in]`` tensor): dense matmuls
-are as fast either way, and the TopK encoder's sparse gradient is then a set of contiguous rows.
+All are plain contiguous tensors (fused optimizers copy non-contiguous ones on every step).
 
 Training recipe (what :func:`prisma_lightning.sae.training.train_step` does)::
 
@@ -110,7 +109,7 @@ class SparseAutoencoder(nn.Module):
         self.d_sae = int(cfg.d_sae)  # type: ignore[arg-type]
         self.d_out = self._output_width()
         kw = {"dtype": cfg.torch_dtype, "device": torch.device(cfg.device)}
-        self.W_enc = nn.Parameter(torch.empty(self.d_sae, self.d_in, **kw).t())
+        self.W_enc = nn.Parameter(torch.empty(self.d_in, self.d_sae, **kw))
         if cfg.architecture == "gated":
             self.b_gate = nn.Parameter(torch.zeros(self.d_sae, **kw))
             self.r_mag = nn.Parameter(torch.zeros(self.d_sae, **kw))
@@ -292,8 +291,8 @@ class SparseAutoencoder(nn.Module):
         if grad is None:
             return
         w = self.W_dec
-        dots = torch.bmm(grad.unsqueeze(1), w.unsqueeze(2)).reshape(-1, 1)
-        grad.addcmul_(w, dots / w.pow(2).sum(1, keepdim=True).clamp_min(1e-24), value=-1)
+        dots = torch.bmm(grad.unsqueeze(1), w.unsqueeze(2)).reshape(-1, 1)  # row-wise <g, w> without a temporary
+        grad.addcmul_(w, dots / w.norm(dim=1, keepdim=True).square().clamp_min(1e-24), value=-1)
 
     def before_optimizer_step(self) -> None:
         """Gradient processing between ``backward`` and ``optimizer.step`` (unit-norm decoders only)."""
@@ -408,12 +407,11 @@ class SparseAutoencoder(nn.Module):
 
     def _pass_relu(self, x_n: Tensor, step: int | None) -> _Pass:
         coef = self.sparsity_coefficient(step)
-        weight = self.W_dec.norm(dim=1) if coef > 0 else None
-        feats, recon, l1 = relu_sae(x_n, self.W_enc, self.b_enc, self._input_bias(), self.W_dec, self.b_dec, weight)
+        args = (x_n, self.W_enc, self.b_enc, self._input_bias(), self.W_dec, self.b_dec, coef > 0)
+        feats, recon, l1, l0 = relu_sae(*args)
         sparsity = coef * l1.mean() if l1 is not None else recon.new_zeros(())
         recon = self._add_skip(recon, x_n)
         with torch.no_grad():
-            l0 = torch.count_nonzero(feats, dim=-1).to(feats.dtype)
             fired = feats.amax(0) > 0 if self.training else feats.new_zeros(0)
         return _Pass(recon, feats, None, sparsity, None, None, l0, fired)
 
@@ -453,7 +451,7 @@ class SparseAutoencoder(nn.Module):
         via_gate = self._add_skip(via_gate, x_n, detach=True)
         aux = (via_gate - target_n).pow(2).sum(-1).mean()
         with torch.no_grad():
-            l0 = torch.count_nonzero(feats, dim=-1).to(feats.dtype)
+            l0 = torch.linalg.vector_norm(feats, ord=0, dim=-1)
             fired = (feats.amax(0) > 0) if self.training else feats.new_zeros(0)
         return _Pass(recon, feats, None, sparsity, aux, None, l0, fired)
 
@@ -480,10 +478,13 @@ class SparseAutoencoder(nn.Module):
             recon = self._add_skip(sparse_decode(values, self.W_dec, pattern) + self.b_dec, x_n)
         with torch.no_grad():
             active = values > 0
-            l0 = torch.bincount(pattern.rows, weights=active.to(values.dtype), minlength=pattern.n_rows)
-            fired = pattern.indices.masked_select(active)
-            if self.training and arch != "topk" and fired.numel():
-                m = values.masked_select(active).min()
+            if arch == "topk":
+                l0 = active.view(pattern.n_rows, cfg.k).sum(-1)
+            else:
+                l0 = torch.bincount(pattern.rows, weights=active.to(values.dtype), minlength=pattern.n_rows)
+            fired = pattern.indices if bool(active.all()) else pattern.indices[active]
+            if self.training and arch != "topk" and values.numel():
+                m = values.min()  # batch selections keep positive values only
                 rt = self.running_threshold
                 rt.copy_(torch.where(rt == 0, m, (1 - THRESHOLD_EMA) * rt + THRESHOLD_EMA * m))
         feats = self._densify(values, pattern) if return_feats else None
@@ -500,7 +501,11 @@ class SparseAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ dead features
     def dead_features(self) -> Tensor:
-        """Ids of features that have not fired for ``dead_feature_window`` training steps, ``[n_dead]``."""
+        """Ids of features that have not fired for ``dead_feature_window`` training steps, ``[n_dead]``.
+
+        ``steps_since_fired`` is counted per process; under DDP a trainer should all-reduce it with ``MIN`` now
+        and then, so that every rank sees a feature as alive if it fired anywhere.
+        """
         return (self.steps_since_fired >= self.cfg.dead_feature_window).nonzero().squeeze(1)
 
     @torch.no_grad()

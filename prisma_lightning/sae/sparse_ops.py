@@ -10,9 +10,9 @@ covers BatchTopK's variable number of features per row and Matryoshka's (row, gr
   ``grad_W[i] = sum_{e: idx(e)=i} values[e] * grad_out[row(e)]`` (a scatter into rows, computed as an
   ``embedding_bag`` over the entries sorted by feature, so each gradient row is written once).
 * :func:`sparse_encode` computes the dense pre-activations (the encoder matmul is dense by nature), selects, and
-  back-propagates only through the selected entries: ``grad_W_enc`` is built the same row-scatter way (the
-  encoder is stored feature-major, ``W_enc.T`` contiguous, so these rows are contiguous), ``grad_b_enc`` is a
-  bincount, and the gradient of an input-centring bias folds into a matrix-vector product.
+  back-propagates only through the selected entries: ``grad_W_enc`` is built the same row-scatter way (as
+  ``[d_sae, d_in]`` rows, then transposed once), ``grad_b_enc`` is a bincount, and the gradient of an
+  input-centring bias folds into a matrix-vector product.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class SparsePattern:
         self.n_rows = n_rows
         self.n_features = n_features
         self._rows: Tensor | None = None
-        self._by_feature: tuple[Tensor, Tensor] | None = None
+        self._by_feature: tuple[Tensor, Tensor, Tensor] | None = None
 
     @classmethod
     def from_fixed_k(cls, indices: Tensor, n_features: int) -> SparsePattern:
@@ -72,21 +72,22 @@ class SparsePattern:
         ends = torch.cat([self.offsets[1:], self.offsets.new_tensor([self.nnz])])
         return ends - self.offsets
 
-    def by_feature(self) -> tuple[Tensor, Tensor]:
-        """``(order, feature_offsets)``: entry order sorted by feature id, and where each feature's run starts."""
+    def by_feature(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(order, rows, feature_offsets)``: entry order sorted by feature id, the row of each entry in that
+        order, and where each feature's run starts (empty runs for features with no entries)."""
         if self._by_feature is None:
-            order = torch.argsort(self.indices)
-            counts = torch.bincount(self.indices, minlength=self.n_features)
-            self._by_feature = (order, torch.cumsum(counts, 0) - counts)
+            # A stable sort of int32 keys: deterministic, and on CPU much faster than the default argsort of
+            # int64 keys, whose parallel path is pathologically slow when the cores are shared.
+            keys, order = torch.sort(self.indices.to(torch.int32), stable=True)
+            firsts = torch.arange(self.n_features, dtype=torch.int32, device=keys.device)
+            self._by_feature = (order, self.rows[order], torch.searchsorted(keys, firsts))
         return self._by_feature
 
 
 def scatter_rows(src: Tensor, values: Tensor, pattern: SparsePattern) -> Tensor:
     """``out[i] = sum_{e: idx(e)=i} values[e] * src[row(e)]``, shape ``[n_features, src.shape[1]]``."""
-    order, feature_offsets = pattern.by_feature()
-    return F.embedding_bag(
-        pattern.rows[order], src, feature_offsets, mode="sum", per_sample_weights=values[order].to(src.dtype)
-    )
+    order, rows, feature_offsets = pattern.by_feature()
+    return F.embedding_bag(rows, src, feature_offsets, mode="sum", per_sample_weights=values[order].to(src.dtype))
 
 
 def gather_dot(grad: Tensor, weight: Tensor, pattern: SparsePattern) -> Tensor:
@@ -152,13 +153,14 @@ class _SparseEncode(torch.autograd.Function):
         pattern: SparsePattern = ctx.pattern
         # ReLU after selection: a zero value had a non-positive pre-activation and passes no gradient.
         grad = torch.where(values > 0, grad_values, 0)
-        grad_b = torch.bincount(pattern.indices, weights=grad, minlength=pattern.n_features).to(grad.dtype)
+        grad_b = grad.new_zeros(pattern.n_features).index_add_(0, pattern.indices, grad)
         grad_x = grad_w = grad_b_in = None
         if ctx.needs_input_grad[1]:
-            grad_w_t = scatter_rows(x, grad, pattern)  # [d_sae, d_in]: feature-major like W_enc's storage
+            grad_w_t = scatter_rows(x, grad, pattern)  # [d_sae, d_in]: one contiguous row per active feature
             if b_in is not None:
                 grad_w_t.addr_(grad_b, b_in, alpha=-1)
-            grad_w = grad_w_t.t()
+            # back to W_enc's layout with one blocked transpose (optimizers and autograd want matching strides)
+            grad_w = grad_w_t.t() if W_enc.stride(0) == 1 else grad_w_t.t().contiguous()
         if b_in is not None and ctx.needs_input_grad[3]:
             grad_b_in = -(W_enc @ grad_b)
         if ctx.needs_input_grad[0]:

@@ -4,7 +4,8 @@
 
 The floor is the five GEMMs a dense SAE step cannot avoid: encoder forward ``x @ W_enc``, decoder forward
 ``f @ W_dec``, decoder input gradient ``g @ W_dec.T``, decoder weight gradient ``f.T @ g`` and encoder weight
-gradient ``G.T @ x``, each producing a fresh output as in a real step. The cases:
+gradient ``x.T @ G``, each producing a fresh output as in a real step (``x [B, d_in]``, ``f, G [B, d_sae]``,
+``g [B, d_in]``). The cases:
 
 (a) ReLU SAE: a full ``train_step`` (forward, MSE + norm-weighted L1, backward, Adam, decoder processing) / floor;
     target <= 1.2.
@@ -47,8 +48,8 @@ def gemm_floor(args: argparse.Namespace) -> Callable[[], object]:
         torch.mm(x, W_enc)  # encoder forward
         torch.mm(f, W_dec)  # decoder forward
         torch.mm(g, W_dec.t())  # decoder: gradient of the features
-        torch.mm(f.t(), g)  # decoder: weight gradient
-        torch.mm(f.t(), x)  # encoder: weight gradient (the feature gradient has f's shape)
+        torch.mm(f.t(), g)  # decoder: weight gradient [d_sae, d_in]
+        torch.mm(x.t(), f)  # encoder: weight gradient [d_in, d_sae] (the feature gradient has f's shape)
 
     return run
 
