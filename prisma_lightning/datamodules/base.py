@@ -10,6 +10,7 @@ epochs.
 
 from __future__ import annotations
 
+import abc
 import multiprocessing
 import warnings
 from collections.abc import Sequence
@@ -258,7 +259,7 @@ class _BadFileFlags:
         return True
 
 
-class FileDataset(Dataset):
+class FileDataset(Dataset, abc.ABC):
     """Map-style dataset over files, some of which may be unreadable.
 
     Subclasses implement ``decode(index)`` (may raise one of ``decode_errors``) and ``finish(raw, index)`` (the
@@ -290,11 +291,13 @@ class FileDataset(Dataset):
         """The file behind sample ``index`` (identity unless a file yields several samples)."""
         return index
 
+    @abc.abstractmethod
     def decode(self, index: int) -> Any:
-        raise NotImplementedError
+        """Read and decode one file (may raise the errors listed in ``decode_errors``)."""
 
+    @abc.abstractmethod
     def finish(self, raw: Any, index: int) -> Any:
-        raise NotImplementedError
+        """Turn a decoded file into the sample (transform, label)."""
 
     @property
     def n_bad(self) -> int:
