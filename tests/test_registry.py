@@ -59,13 +59,15 @@ def test_architecture_parameter_count_matches_source(name: str) -> None:
     assert n_params(hooked) == expected
 
 
-@pytest.mark.slow
 def test_every_name_builds_offline_and_runs() -> None:
     for name in list_models():
-        model = load_hooked_model(name, pretrained=False)
-        assert not model.training
+        small = name.startswith("test/") or name in ("facebook/dinov2-small", "google/siglip-base-patch16-224")
+        # Large architectures are built on the meta device: the same code path, without allocating 300M weights.
+        with torch.device("cpu" if small else "meta"):
+            model = load_hooked_model(name, pretrained=False)
+        assert not model.training and model.cfg.n_layers > 0
         cfg = model.cfg
-        if name.startswith("test/") or name in ("facebook/dinov2-small", "google/siglip-base-patch16-224"):
+        if small:
             shape = (1, cfg.num_frames, 3, *cfg.image_size) if cfg.is_video else (1, 3, 224, 224)
             if name.startswith("test/") and not cfg.is_video:
                 shape = (1, 3, *cfg.image_size)
