@@ -21,6 +21,10 @@ _EXPORTS = {
     "load_hooked_model": "prisma_lightning.backbones",
     "list_models": "prisma_lightning.backbones",
     "ZeroShotClassifier": "prisma_lightning.backbones",
+    "SAEConfig": "prisma_lightning.sae",
+    "SparseAutoencoder": "prisma_lightning.sae",
+    "Transcoder": "prisma_lightning.sae",
+    "TranscoderConfig": "prisma_lightning.sae",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,4 +1,4 @@
-"""Lightning callbacks (activation writing; evaluation, resampling, density plots and uploads follow)."""
+"""Lightning callbacks: activation writing, SAE evaluation, dead-feature resampling, density plots, Hub uploads."""
 
 from prisma_lightning.callbacks.activation_writer import ActivationWriter
 from prisma_lightning.callbacks.density import FeatureDensityLogger

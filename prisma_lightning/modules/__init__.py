@@ -1,4 +1,4 @@
-"""LightningModules: SAE and transcoder training, activation caching (the ViT trainer arrives with its issue)."""
+"""LightningModules: SAE and transcoder training, activation caching, and the ViT classifier trainer."""
 
 from prisma_lightning.modules.activation_cache_module import ActivationCacheModule
 from prisma_lightning.modules.sae_module import SAEModule
