@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from torch.testing import assert_close
 
 from prisma_lightning.activations import ShardWriter
 from prisma_lightning.backbones import load_hooked_model
-from prisma_lightning.sae import SparseAutoencoder
+from prisma_lightning.sae import SAEConfig, SparseAutoencoder
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +25,11 @@ TRAINER = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, 
            "enable_checkpointing": False}  # fmt: skip
 
 
-def run_cli(tmp_path: Path, config: dict, name: str, *extra: str) -> None:
+def run_cli(tmp_path: Path, config: dict, name: str, *extra: str, subcommand: str = "fit") -> None:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "prisma_lightning", "fit", "--config", str(path), *extra]
+    cmd = [sys.executable, "-m", "prisma_lightning", subcommand, "--config", str(path), *extra]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -60,7 +61,18 @@ def test_cached_sae_ddp_equals_one_process(tmp_path) -> None:
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
 
 
+def assert_same_eval(a: Path, b: Path, atol: float = 1e-5) -> None:
+    table_a, table_b = (json.loads((folder / "eval.json").read_text()) for folder in (a, b))
+    assert table_a.keys() == table_b.keys()
+    for key, value in table_a.items():
+        if isinstance(value, float):
+            assert abs(value - table_b[key]) <= atol * max(1.0, abs(value)), (key, value, table_b[key])
+        else:
+            assert value == table_b[key], key
+
+
 def test_online_sae_ddp_equals_one_process(tmp_path) -> None:
+    """Weights after training and the evaluation table (synced torchmetrics) equal a 1-process run."""
     load_hooked_model("test/vit-tiny", pretrained=False).save_pretrained(tmp_path / "backbone")
     data = {
         "class_path": "prisma_lightning.datamodules.DSpritesDataModule",
@@ -69,11 +81,43 @@ def test_online_sae_ddp_equals_one_process(tmp_path) -> None:
     model = {"class_path": "prisma_lightning.modules.SAEModule",
              "init_args": {"sae": SAE, "backbone": str(tmp_path / "backbone"), "buffer_tokens": 0,
                            "batch_tokens": 8 * 17, "init_tokens": 8 * 17, "lr": 1e-3}}  # fmt: skip
-    config = {"seed_everything": 0, "trainer": {**TRAINER, "max_steps": 6, "limit_val_batches": 0},
-              "model": model, "data": data}  # fmt: skip
+    # Validation (16 images = 2 global batches) runs once, after the last step, inside Lightning's loop.
+    evaluator = {"class_path": "prisma_lightning.callbacks.SAEEvaluator",
+                 "init_args": {"n_batches": None, "ce_source": "head", "print_table": False}}  # fmt: skip
+    trainer = {**TRAINER, "max_steps": 6, "val_check_interval": 6, "num_sanity_val_steps": 0,
+               "callbacks": [evaluator]}  # fmt: skip
+    config = {"seed_everything": 0, "trainer": trainer, "model": model, "data": data}
     run_cli(tmp_path, config, "one", "--model.init_args.export_dir", str(tmp_path / "one"))
     # Two processes with 4 images each = the same 8-image global batches (GlobalBatchSampler).
     run_cli(tmp_path, config, "two", "--model.init_args.export_dir", str(tmp_path / "two"),
             "--trainer.strategy", "ddp", "--trainer.devices", "2", "--data.init_args.batch_size", "4",
             "--model.init_args.batch_tokens", str(4 * 17), "--model.init_args.init_tokens", str(4 * 17))  # fmt: skip
     assert_same_sae(tmp_path / "one", tmp_path / "two")
+    assert_same_eval(tmp_path / "one", tmp_path / "two")
+    table = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert table["global_step"] == 6 and table["ce_recovered_pct"] is not None
+
+
+def test_cached_eval_table_ddp_equals_one_process(tmp_path) -> None:
+    """`prisma validate` of an SAE folder on cached activations: 2 processes give the 1-process table."""
+    torch.manual_seed(0)
+    writer = ShardWriter(tmp_path / "acts", d=32, tokens_per_image=16, images_per_shard=64)
+    writer.add(torch.randn(256 * 16, 32) @ torch.randn(32, 32), 256)
+    writer.close()
+    sae = SparseAutoencoder(SAEConfig(**{**SAE, "architecture": "relu", "k": None}))
+    for name in ("one", "two"):
+        sae.save(tmp_path / name)
+    config = {
+        "seed_everything": 0,
+        "trainer": {**TRAINER, "callbacks": [{"class_path": "prisma_lightning.callbacks.SAEEvaluator",
+                                              "init_args": {"n_batches": None, "print_table": False}}]},
+        "model": {"class_path": "prisma_lightning.modules.SAEModule", "init_args": {"sae": str(tmp_path / "one")}},
+        "data": {"class_path": "prisma_lightning.datamodules.ActivationDataModule",
+                 "init_args": {"path": str(tmp_path / "acts"), "batch_size": 256, "val_fraction": 0.5}},
+    }  # fmt: skip
+    run_cli(tmp_path, config, "one", subcommand="validate")
+    run_cli(tmp_path, config, "two", "--model.init_args.sae", str(tmp_path / "two"), "--trainer.strategy", "ddp",
+            "--trainer.devices", "2", "--data.init_args.batch_size", "128", subcommand="validate")  # fmt: skip
+    assert_same_eval(tmp_path / "one", tmp_path / "two")
+    table = json.loads((tmp_path / "one" / "eval.json").read_text())
+    assert table["ce_recon"] is None and 0 < table["alive_pct"] <= 100
