@@ -241,6 +241,22 @@ def test_failed_upload_warns_keeps_the_folder_and_retries_at_fit_end(tmp_path, f
     assert SparseAutoencoder.load(tmp_path / "upload").d_sae == 64
 
 
+def test_real_hub_client_with_the_network_unreachable(tmp_path, monkeypatch, caplog) -> None:
+    """No fake: huggingface_hub's own client against an endpoint that refuses connections."""
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRETtoken123")
+    uploader = HubUploader("me/tiny-sae", folder=str(tmp_path / "upload"))
+    with caplog.at_level(logging.WARNING, logger="prisma_lightning.callbacks.hub_uploader"):
+        module = fit_with_uploader(tmp_path, uploader)
+    assert module.trainer.global_step == 6 and module.trainer.state.finished
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("retried at the end of fit" in w for w in warnings) and any("failed too" in w for w in warnings)
+    assert not any("hf_SECRETtoken123" in w for w in warnings) and uploader.uploaded_step is None
+    assert uploader.error is not None and "Connection refused" in uploader.error
+    assert SparseAutoencoder.load(tmp_path / "upload").d_sae == 64
+
+
 def test_retry_at_fit_end_succeeds_after_a_transient_failure(tmp_path, fake_api) -> None:
     fake_api.fail = OSError("temporary DNS failure")
     uploader = HubUploader("me/tiny-sae", every_n_checkpoints=3, folder=str(tmp_path / "upload"), upload_at_end=False)
