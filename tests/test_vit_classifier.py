@@ -45,7 +45,7 @@ def easy_dsprites(**overrides) -> DSpritesDataModule:
 
 
 def plain_dsprites(**overrides) -> DSpritesDataModule:
-    """96 images of the full dSprites grid (only plain hyperparameters, so checkpoints load with weights_only)."""
+    """96 images of the full dSprites grid."""
     kwargs = dict(cache=False, subset_size=96, val_fraction=0.25, test_fraction=0.0, batch_size=24, seed=0)
     return DSpritesDataModule(**{**kwargs, **overrides})
 
@@ -144,7 +144,7 @@ def test_attention_only_model_trains(tmp_path: Path) -> None:
 
 
 def test_resume_from_last_checkpoint(tmp_path: Path) -> None:
-    data = plain_dsprites()
+    data = easy_dsprites(subset_size=96, batch_size=24)  # a custom grid: stored as plain values in the checkpoint
     ckpt_dir = tmp_path / "ckpt"
 
     def checkpoint() -> ModelCheckpoint:
@@ -154,6 +154,9 @@ def test_resume_from_last_checkpoint(tmp_path: Path) -> None:
     fast_trainer(tmp_path, max_steps=4, callbacks=[checkpoint()], enable_checkpointing=True).fit(first, data)
     saved = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 4
+    data_hparams = saved["datamodule_hyper_parameters"]
+    assert data_hparams["grid"] == {"n_scales": 1, "n_orientations": 1, "n_pos": 16}
+    assert DSpritesDataModule(**data_hparams).grid == data.grid
 
     start: dict[str, torch.Tensor] = {}
 

@@ -24,6 +24,8 @@ Three ways to get images, none of which holds the 2.9 GB dense array:
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import zipfile
 from collections.abc import Callable, Sequence
@@ -388,7 +390,7 @@ class DSpritesDataModule(PrismaDataModule):
         path: str | None = None,
         cache: bool = True,
         cache_dir: str = "~/.cache/prisma_lightning/dsprites",
-        grid: DSpritesGrid | None = None,
+        grid: DSpritesGrid | dict[str, int] | None = None,
         subset_size: int | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
@@ -408,7 +410,11 @@ class DSpritesDataModule(PrismaDataModule):
         check_positive("image_size", image_size)
         if subset_size is not None:
             check_positive("subset_size", subset_size)
-        self.save_hyperparameters(ignore=["transform"])
+        if isinstance(grid, dict):
+            grid = DSpritesGrid(**grid)
+        self.save_hyperparameters(ignore=["transform", "grid"])
+        # Plain values only, so checkpoints stay loadable with weights_only=True.
+        self.hparams["grid"] = dataclasses.asdict(grid) if grid is not None else None
         self.target, self.path, self.cache, self.cache_dir = target, path, cache, Path(cache_dir).expanduser()
         self.grid = grid or DSpritesGrid()
         self.subset_size, self.val_fraction, self.test_fraction = subset_size, val_fraction, test_fraction
