@@ -176,7 +176,7 @@ class FakeApi:
 
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
         folder = Path(folder_path)
-        files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
         FakeApi.calls.append(("upload_folder", repo_id, files, kwargs, threading.current_thread().name))
 
 
@@ -364,3 +364,40 @@ def test_callback_yaml_runs_a_fit_with_every_callback(tmp_path, fake_api) -> Non
     assert (log_dir / "sae" / "eval.json").is_file()
     card = uploads(fake_api)[-1][2]["README.md"].decode()
     assert "# me/yaml-sae" in card and "explained_variance_pct" in card
+
+
+def test_vit_classifier_upload_keeps_checkpoints_curve_data_and_hyperparameters(tmp_path, fake_api) -> None:
+    """ViT mice: the export, one weights folder per uploaded step, the accuracy curve and the training setup."""
+    from prisma_lightning.backbones import HookedViT, HookedViTConfig
+    from prisma_lightning.datamodules import DSpritesDataModule
+    from prisma_lightning.modules import ViTClassifierModule
+
+    cfg = HookedViTConfig(d_model=16, n_layers=1, n_heads=2, image_size=16, patch_size=8, in_channels=1, n_classes=3)
+    module = ViTClassifierModule(cfg, lr=3e-3, warmup_steps=1, max_steps=6, label_smoothing=0.1)
+    data = DSpritesDataModule(cache=False, subset_size=64, image_size=16, val_fraction=0.25, test_fraction=0.0,
+                              batch_size=8)  # fmt: skip
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    uploader = HubUploader("me/dsprites-vit", folder=str(tmp_path / "up"))
+    trainer(tmp_path, max_steps=6, val_check_interval=2, callbacks=[ckpt, uploader], logger=False,
+            num_sanity_val_steps=0).fit(module, data)  # fmt: skip
+    uploader.join()
+    assert uploader.error is None and uploader.uploaded_step == 6
+    files = uploads(fake_api)[-1][2]
+    steps = [2, 4, 6]
+    expected = {"config.json", "model.safetensors", "README.md", "training_curve.json"} | {
+        f"checkpoints/step_{s:08d}/{name}" for s in steps for name in ("config.json", "model.safetensors")}
+    assert expected <= set(files), sorted(files)
+    curve = json.loads(files["training_curve.json"])
+    assert [p["step"] for p in curve] == steps and all("val/acc" in p and "val/loss" in p for p in curve)
+    card = files["README.md"].decode()
+    for text in ("## Training curve", "| val/acc |", "## Checkpoints", "checkpoints/step_<step>/", "(2, 4, 6)",
+                 "Data: `DSpritesDataModule`", "| subset_size | 64 |", "| lr | 0.003 |", "| label_smoothing | 0.1 |",
+                 "| d_model | 16 |", "Training steps | 6"):  # fmt: skip
+        assert text in card, text
+    assert "SAEEvaluator" not in card
+    # Each step folder holds that step's weights: equal to the Lightning checkpoint of the same step.
+    for step in steps:
+        saved = torch.load(next((tmp_path / "ckpt").glob(f"*step={step}.ckpt")), weights_only=True)["state_dict"]
+        model = HookedViT.from_pretrained(tmp_path / "up", subfolder=f"checkpoints/step_{step:08d}")
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, saved[f"model.{name}"]), (step, name)

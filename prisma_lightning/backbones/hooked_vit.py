@@ -517,11 +517,18 @@ class HookedViT(HookedModule):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         revision: str | None = None,
+        subfolder: str | None = None,
     ) -> HookedViT:
-        """Load a folder written by :meth:`save_pretrained`, or the same two files from a Hugging Face repo."""
+        """Load a folder written by :meth:`save_pretrained`, or the same two files from a Hugging Face repo.
+
+        ``subfolder`` selects a folder inside the local folder or the repo (e.g. ``checkpoints/step_00001000`` of an
+        upload by ``HubUploader``).
+        """
         from safetensors.torch import load_file
 
         path = Path(name_or_path)
+        if subfolder and path.is_dir():
+            path = path / subfolder
         if path.is_dir():
             config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
             for file in (config_file, weights_file):
@@ -533,8 +540,8 @@ class HookedViT(HookedModule):
         else:
             from prisma_lightning.utils import hub_download
 
-            config_file = hub_download(str(name_or_path), CONFIG_NAME, revision=revision)
-            weights_file = hub_download(str(name_or_path), WEIGHTS_NAME, revision=revision)
+            config_file = hub_download(str(name_or_path), CONFIG_NAME, revision=revision, subfolder=subfolder)
+            weights_file = hub_download(str(name_or_path), WEIGHTS_NAME, revision=revision, subfolder=subfolder)
         try:
             cfg = HookedViTConfig.from_dict(json.loads(Path(config_file).read_text()))
         except (json.JSONDecodeError, TypeError) as err:

@@ -10,6 +10,12 @@ Failures (no network, no or bad token, no permission) never reach training: they
 reason, the local folder is kept, and the upload is retried at the end of fit (after joining the running upload).
 At the end of fit the final weights are uploaded too when they were not yet (``upload_at_end``).
 
+To let others study training dynamics, each upload can also keep the export of its step in
+``checkpoints/step_<step>/`` (``history``; on by default for modules wrapping a ``HookedViT``, whose exports are
+small, off for SAEs), and the validation metrics of every validation run are kept in ``training_curve.json`` and
+summarised in the card (first, best and last value of each accuracy / loss curve), together with the data module
+and the module's hyperparameters.
+
 The token is never a config value (configs end up in logs and checkpoints): ``huggingface_hub`` reads it from
 ``HF_TOKEN`` or the login cache (``huggingface-cli login``), and it is scrubbed from any logged error message.
 """
@@ -25,10 +31,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from prisma_lightning.utils import atomic_path
+
 log = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
 EVAL_FILE = "eval.json"
+CURVE_FILE = "training_curve.json"
+HISTORY_DIR = "checkpoints"
 
 
 class HubUploader(pl.Callback):
@@ -42,6 +52,8 @@ class HubUploader(pl.Callback):
         upload_at_end: at the end of fit also upload the final weights if they were not uploaded yet.
         license: license identifier written into the model card's metadata.
         commit_message: commit message prefix (the step is appended).
+        history: also keep each uploaded step's export in ``checkpoints/step_<step>/`` (None: on for modules
+            without an ``sae``, e.g. ViT mice, whose exports are small; off for SAE modules).
     """
 
     def __init__(
@@ -53,6 +65,7 @@ class HubUploader(pl.Callback):
         upload_at_end: bool = True,
         license: str = "apache-2.0",
         commit_message: str = "Upload from prisma-lightning",
+        history: bool | None = None,
     ) -> None:
         if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
             raise ValueError(f"repo_id must look like '<user or org>/<name>', got {repo_id!r}.")
@@ -61,6 +74,10 @@ class HubUploader(pl.Callback):
         self.repo_id, self.every_n_checkpoints, self.private = repo_id, every_n_checkpoints, private
         self.folder: Path | None = Path(folder) if folder else None
         self.upload_at_end, self.license, self.commit_message = upload_at_end, license, commit_message
+        self.history = history
+        self._card_curve_len = 0
+        self.curve: list[dict[str, float]] = []
+        """``{"step": ..., metric: value}`` after every validation run (rank 0)."""
         self.n_checkpoints = 0
         self.uploaded_step: int | None = None
         """Step of the last successful upload."""
@@ -89,6 +106,25 @@ class HubUploader(pl.Callback):
         if getattr(pl_module, "export_dir", None):
             self._eval_dirs.append(Path(pl_module.export_dir))
         self._eval_dirs.append(log_dir / "sae")
+        if self.history is None:
+            self.history = getattr(pl_module, "sae", None) is None  # SAE exports are large; ViT mice are small
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
+            return
+        point = {"step": float(trainer.global_step)}
+        for key, value in trainer.callback_metrics.items():
+            if getattr(value, "numel", lambda: 1)() == 1 and ("acc" in key or "loss" in key):
+                point[key] = float(value)
+        if len(point) > 1:
+            self.curve = [p for p in self.curve if p["step"] != point["step"]] + [point]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"curve": self.curve, "n_checkpoints": self.n_checkpoints}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.curve = list(state_dict.get("curve", []))
+        self.n_checkpoints = int(state_dict.get("n_checkpoints", 0))
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         step = trainer.global_step
@@ -101,7 +137,7 @@ class HubUploader(pl.Callback):
         if self._thread is not None and self._thread.is_alive():
             self._pending = True  # the previous upload still reads the folder: upload the latest state at the end
             return
-        if self.prepare(trainer, pl_module):
+        if self.prepare(trainer, pl_module, step):
             self._thread = threading.Thread(target=self.upload, args=(step,), name="HubUploader", daemon=True)
             self._thread.start()
 
@@ -111,12 +147,14 @@ class HubUploader(pl.Callback):
         self.join()
         step = trainer.global_step
         retry = self.error is not None or self._pending
-        if not (retry or (self.upload_at_end and self.uploaded_step != step)):
+        # A validation run after the last upload (e.g. at the last step) adds to the curve: upload the card again.
+        stale = self.uploaded_step != step or self._card_curve_len != len(self.curve)
+        if not (retry or (self.upload_at_end and stale)):
             return
         if retry:
             log.info("HubUploader: retrying the upload to %s at the end of fit.", self.repo_id)
         self._pending = False
-        if self.prepare(trainer, pl_module):  # re-export: eval.json may have been rewritten since
+        if self.prepare(trainer, pl_module, step):  # re-export: eval.json may have been rewritten since
             self.upload(step)
         if self.error is not None:
             log.warning(
@@ -133,14 +171,24 @@ class HubUploader(pl.Callback):
             self._thread.join(timeout)
 
     # ------------------------------------------------------------------ export and upload
-    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int | None = None) -> bool:
         """Export the module and write the model card into ``folder``; False (and a warning) if that failed."""
         folder = self.folder
+        step = trainer.global_step if step is None else step
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            exporter(pl_module)(folder)
+            export = exporter(pl_module)
+            export(folder)
+            if self.history:
+                export(folder / HISTORY_DIR / f"step_{step:08d}")
             self._copy_eval(trainer, pl_module, folder)
-            (folder / CARD_FILE).write_text(model_card(pl_module, self.repo_id, self.license, folder))
+            if self.curve:
+                with atomic_path(folder / CURVE_FILE) as tmp:
+                    tmp.write_text(json.dumps(self.curve, indent=1) + "\n")
+            card = model_card(pl_module, self.repo_id, self.license, folder, self.curve)
+            self._card_curve_len = len(self.curve)
+            with atomic_path(folder / CARD_FILE) as tmp:
+                tmp.write_text(card)
         except Exception as err:  # a full disk must not stop training; the next checkpoint tries again
             self.error = _reason(err)
             log.warning("HubUploader: exporting into %s failed (%s); skipping this upload.", folder, self.error)
@@ -201,7 +249,9 @@ def _reason(err: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- model card
-def model_card(pl_module: pl.LightningModule, repo_id: str, license: str, folder: Path) -> str:
+def model_card(
+    pl_module: pl.LightningModule, repo_id: str, license: str, folder: Path, curve: list[dict[str, float]] | None = None
+) -> str:
     """The ``README.md`` of the upload: metadata, what was trained on what, the eval table, usage and license."""
     sae = getattr(pl_module, "sae", None)
     eval_file = folder / EVAL_FILE
@@ -220,7 +270,24 @@ def model_card(pl_module: pl.LightningModule, repo_id: str, license: str, folder
         f"# {repo_id}",
         f"{title} trained with prisma-lightning (PyTorch Lightning).",
         f"| | |\n| --- | --- |\n{facts}",
-        "## Evaluation\n\n" + (evaluation or "No `eval.json` was written yet (add the `SAEEvaluator` callback)."),
+    ]
+    if sae is not None or evaluation:
+        parts.append(
+            "## Evaluation\n\n" + (evaluation or "No `eval.json` was written yet (add the `SAEEvaluator` callback).")
+        )
+    if curve:
+        parts.append("## Training curve\n\n" + _curve_summary(curve))
+    training = _training_facts(pl_module)
+    if training:
+        parts.append("## Training\n\n" + training)
+    history = sorted(p.name for p in (folder / HISTORY_DIR).glob("step_*")) if (folder / HISTORY_DIR).is_dir() else []
+    if history:
+        parts.append(
+            f"## Checkpoints\n\nThe weights at {len(history)} training steps are in `{HISTORY_DIR}/step_<step>/` "
+            f"({', '.join(h.removeprefix('step_').lstrip('0') or '0' for h in history)}); load one with "
+            f'`from_pretrained("{repo_id}", subfolder="{HISTORY_DIR}/{history[-1]}")`.'
+        )
+    parts += [
         "## Usage\n\n" + usage.format(repo_id=repo_id),
         f"## License\n\nReleased under `{license}`. Any license of the underlying backbone and its training data "
         "applies as well.",
@@ -266,6 +333,44 @@ def _model_facts(pl_module: pl.LightningModule) -> list[tuple[str, Any]]:
     if getattr(pl_module, "_trainer", None) is not None:
         rows.append(("Training steps", f"{pl_module.trainer.global_step:,}"))
     return rows
+
+
+def _curve_summary(curve: list[dict[str, float]]) -> str:
+    """First, best and last value of every recorded curve (accuracy: max is best, loss: min), with their steps."""
+    keys = list(dict.fromkeys(k for point in curve for k in point if k != "step"))
+    lines = ["| Metric | First | Best | Last |", "| --- | --- | --- | --- |"]
+    for key in keys:
+        points = [(int(p["step"]), p[key]) for p in curve if key in p]
+        best = (max if "acc" in key else min)(points, key=lambda sp: sp[1])
+        cells = [f"{v:.4g} (step {s:,})" for s, v in (points[0], best, points[-1])]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nEvery validation run is in `{CURVE_FILE}`."
+
+
+def _training_facts(pl_module: pl.LightningModule) -> str:
+    """Data module and hyperparameters (plain values of ``hparams``) as markdown tables."""
+    trainer = getattr(pl_module, "_trainer", None)
+    lines: list[str] = []
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if datamodule is not None:
+        lines.append(f"Data: `{type(datamodule).__name__}`")
+        data_rows = _plain_rows(getattr(datamodule, "hparams", {}))
+        if data_rows:
+            lines.append("| Data option | Value |\n| --- | --- |\n" + data_rows)
+    hp_rows = _plain_rows(getattr(pl_module, "hparams", {}))
+    if hp_rows:
+        lines.append("| Hyperparameter | Value |\n| --- | --- |\n" + hp_rows)
+    return "\n\n".join(lines)
+
+
+def _plain_rows(hparams: Any) -> str:
+    rows = []
+    for key, value in dict(hparams).items():
+        if isinstance(value, bool | int | float | str) or value is None:
+            rows.append(f"| {key} | {value} |")
+        elif isinstance(value, list | tuple | dict) and len(json.dumps(value, default=str)) <= 80:
+            rows.append(f"| {key} | `{json.dumps(value, default=str)}` |")
+    return "\n".join(rows)
 
 
 def _eval_table(results: Any) -> str:
