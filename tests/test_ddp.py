@@ -136,7 +136,8 @@ def test_vit_classifier_ddp_equals_one_process(tmp_path) -> None:
     def fit(name: str, *extra: str) -> Path:
         root = tmp_path / name
         cmd = [sys.executable, "-m", "prisma_lightning", "fit", "--config", str(config), *common,
-               "--trainer.logger.save_dir", str(root), "--model.init_args.export_dir", str(root / "model"), *extra]  # fmt: skip
+               "--trainer.logger.save_dir", str(root), "--model.init_args.export_dir", str(root / "model"),
+               *extra]  # fmt: skip
         result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]

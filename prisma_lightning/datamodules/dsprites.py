@@ -24,12 +24,10 @@ Three ways to get images, none of which holds the 2.9 GB dense array:
 
 from __future__ import annotations
 
-import dataclasses
-
 import math
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -414,7 +412,7 @@ class DSpritesDataModule(PrismaDataModule):
             grid = DSpritesGrid(**grid)
         self.save_hyperparameters(ignore=["transform", "grid"])
         # Plain values only, so checkpoints stay loadable with weights_only=True.
-        self.hparams["grid"] = dataclasses.asdict(grid) if grid is not None else None
+        self.hparams["grid"] = asdict(grid) if grid is not None else None
         self.target, self.path, self.cache, self.cache_dir = target, path, cache, Path(cache_dir).expanduser()
         self.grid = grid or DSpritesGrid()
         self.subset_size, self.val_fraction, self.test_fraction = subset_size, val_fraction, test_fraction
