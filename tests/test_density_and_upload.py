@@ -385,7 +385,8 @@ def test_vit_classifier_upload_keeps_checkpoints_curve_data_and_hyperparameters(
     files = uploads(fake_api)[-1][2]
     steps = [2, 4, 6]
     expected = {"config.json", "model.safetensors", "README.md", "training_curve.json"} | {
-        f"checkpoints/step_{s:08d}/{name}" for s in steps for name in ("config.json", "model.safetensors")}
+        f"checkpoints/step_{s:08d}/{name}" for s in steps for name in ("config.json", "model.safetensors")
+    }
     assert expected <= set(files), sorted(files)
     curve = json.loads(files["training_curve.json"])
     assert [p["step"] for p in curve] == steps and all("val/acc" in p and "val/loss" in p for p in curve)
