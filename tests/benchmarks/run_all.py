@@ -71,7 +71,7 @@ def sae_rows(quick: bool) -> list[tuple[str, float, str]]:
         rows += bench_sae.ratio_rows(quick=quick)
     import sae_pipeline_bench as pipe
 
-    c = pipe.lightning_vs_raw(steps=4 if quick else 12, batch=512 if quick else 2048)
+    c = pipe.lightning_vs_raw(steps=5 if quick else 12, batch=512 if quick else 2048)
     rows.append(("Trainer.fit step / raw PyTorch loop step (SAE, cached)", c["ratio"], "<= 1.05"))
     d = pipe.shard_read_vs_raw(rows=50_000 if quick else 400_000)
     rows.append(("shard read throughput / raw sequential read", d["ratio"], ">= 0.8"))
