@@ -15,36 +15,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from prisma_lightning.backbones import HookedViT, HookedViTConfig, load_hooked_model
-from prisma_lightning.datamodules.dsprites import render_sprites
+from prisma_lightning.backbones import load_hooked_model
+from prisma_lightning.datamodules.dsprites import sprite_images
 from prisma_lightning.interp import plot_attention_heads, save_attention_html
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "dsprites-vit-2l"
-
-
-def load_dsprites_vit(path: Path) -> HookedViT:
-    """The shipped dSprites ViT, or a random-weight stand-in with the same interface when it is missing."""
-    if path.is_dir():
-        return load_hooked_model(str(path))
-    print(f"note: {path} not found; using a random-weight 2-layer ViT instead (its readings are meaningless)")
-    torch.manual_seed(0)
-    cfg = HookedViTConfig(
-        d_model=64, n_layers=2, n_heads=4, image_size=64, patch_size=8, in_channels=1, n_classes=3,
-        model_name="random-dsprites-vit-2l",
-    )  # fmt: skip
-    return HookedViT(cfg).eval()
-
-
-def sprites(model: HookedViT, shapes: list[int], pos_x: float = 0.5, pos_y: float = 0.5) -> torch.Tensor:
-    """dSprites images ``[B, C, H, W]`` in [0, 1] of the given shapes (0 square, 1 ellipse, 2 heart)."""
-    n = len(shapes)
-    imgs = render_sprites(np.asarray(shapes), np.full(n, 1.0), np.full(n, 0.3), np.full(n, pos_x), np.full(n, pos_y))
-    x = torch.from_numpy(imgs).float()[:, None]
-    x = torch.nn.functional.interpolate(x, size=model.cfg.image_size, mode="bilinear", antialias=True)
-    return x.expand(-1, model.cfg.in_channels, -1, -1).contiguous()
 
 
 def main() -> None:
@@ -61,8 +38,8 @@ def main() -> None:
         model = load_hooked_model(args.model, pretrained=False)
         image = torch.rand(model.example_input().shape[1:])
     else:
-        model = load_dsprites_vit(args.checkpoint)
-        image = sprites(model, [args.shape], pos_x=0.35, pos_y=0.6)[0]
+        model = load_hooked_model(str(args.checkpoint))
+        image = sprite_images([args.shape], model.cfg.image_size, model.cfg.in_channels, pos_x=0.35, pos_y=0.6)[0]
 
     plot_attention_heads(model, image).savefig(args.out / "attention_heads.png", dpi=110)
     page = save_attention_html(args.out / "attention.html", model, image, title=f"Attention: {model.cfg.model_name}")

@@ -13,36 +13,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from prisma_lightning.backbones import HookedViT, HookedViTConfig, load_hooked_model
-from prisma_lightning.datamodules.dsprites import SHAPES, render_sprites
+from prisma_lightning.backbones import load_hooked_model
+from prisma_lightning.datamodules.dsprites import SHAPES, sprite_images
 from prisma_lightning.interp import direct_logit_attribution, plot_dla
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "dsprites-vit-2l"
-
-
-def load_dsprites_vit(path: Path) -> HookedViT:
-    """The shipped dSprites ViT, or a random-weight stand-in with the same interface when it is missing."""
-    if path.is_dir():
-        return load_hooked_model(str(path))
-    print(f"note: {path} not found; using a random-weight 2-layer ViT instead (its readings are meaningless)")
-    torch.manual_seed(0)
-    cfg = HookedViTConfig(
-        d_model=64, n_layers=2, n_heads=4, image_size=64, patch_size=8, in_channels=1, n_classes=3,
-        model_name="random-dsprites-vit-2l",
-    )  # fmt: skip
-    return HookedViT(cfg).eval()
-
-
-def sprites(model: HookedViT, shapes: list[int], pos_x: float = 0.5, pos_y: float = 0.5) -> torch.Tensor:
-    """dSprites images ``[B, C, H, W]`` in [0, 1] of the given shapes (0 square, 1 ellipse, 2 heart)."""
-    n = len(shapes)
-    imgs = render_sprites(np.asarray(shapes), np.full(n, 1.0), np.full(n, 0.3), np.full(n, pos_x), np.full(n, pos_y))
-    x = torch.from_numpy(imgs).float()[:, None]
-    x = torch.nn.functional.interpolate(x, size=model.cfg.image_size, mode="bilinear", antialias=True)
-    return x.expand(-1, model.cfg.in_channels, -1, -1).contiguous()
 
 
 def main() -> None:
@@ -53,9 +30,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    model = load_dsprites_vit(args.checkpoint)
+    model = load_hooked_model(str(args.checkpoint))
     shapes = [0, 1, 2]
-    images = sprites(model, shapes)
+    images = sprite_images(shapes, model.cfg.image_size, model.cfg.in_channels)
     names = list(SHAPES) if model.cfg.n_classes == len(SHAPES) else [str(i) for i in range(model.cfg.n_classes)]
 
     dla = direct_logit_attribution(model, images)  # the predicted class of each image

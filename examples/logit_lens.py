@@ -16,7 +16,6 @@ import argparse
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from prisma_lightning.backbones import (
@@ -26,7 +25,7 @@ from prisma_lightning.backbones import (
     imagenet_class_names,
     load_hooked_model,
 )
-from prisma_lightning.datamodules.dsprites import SHAPES, render_sprites
+from prisma_lightning.datamodules.dsprites import SHAPES, sprite_images
 from prisma_lightning.interp import (
     emoji_logit_lens_html,
     logit_lens,
@@ -37,28 +36,6 @@ from prisma_lightning.interp import (
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "dsprites-vit-2l"
 SHAPE_EMOJI = {0: "⬛", 1: "⬮", 2: "❤"}
-
-
-def load_dsprites_vit(path: Path) -> HookedViT:
-    """The shipped dSprites ViT, or a random-weight stand-in with the same interface when it is missing."""
-    if path.is_dir():
-        return load_hooked_model(str(path))
-    print(f"note: {path} not found; using a random-weight 2-layer ViT instead (its readings are meaningless)")
-    torch.manual_seed(0)
-    cfg = HookedViTConfig(
-        d_model=64, n_layers=2, n_heads=4, image_size=64, patch_size=8, in_channels=1, n_classes=3,
-        model_name="random-dsprites-vit-2l",
-    )  # fmt: skip
-    return HookedViT(cfg).eval()
-
-
-def sprites(model: HookedViT, shapes: list[int], pos_x: float = 0.5, pos_y: float = 0.5) -> torch.Tensor:
-    """dSprites images ``[B, C, H, W]`` in [0, 1] of the given shapes (0 square, 1 ellipse, 2 heart)."""
-    n = len(shapes)
-    imgs = render_sprites(np.asarray(shapes), np.full(n, 1.0), np.full(n, 0.3), np.full(n, pos_x), np.full(n, pos_y))
-    x = torch.from_numpy(imgs).float()[:, None]
-    x = torch.nn.functional.interpolate(x, size=model.cfg.image_size, mode="bilinear", antialias=True)
-    return x.expand(-1, model.cfg.in_channels, -1, -1).contiguous()
 
 
 def tiny_clip() -> HookedViT:
@@ -99,8 +76,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     # Part 1: the dSprites ViT.
-    model = load_dsprites_vit(args.checkpoint)
-    images = sprites(model, [0, 1, 2])
+    model = load_hooked_model(str(args.checkpoint))
+    images = sprite_images([0, 1, 2], model.cfg.image_size, model.cfg.in_channels)
     names = list(SHAPES) if model.cfg.n_classes == len(SHAPES) else None
     lens = logit_lens(model, images, class_names=names)
     final = lens.pooled_logits[-1]
@@ -123,7 +100,7 @@ def main() -> None:
 
         picture = clip.preprocess()(Image.open(args.image).convert("RGB"))[None]
     else:
-        picture = sprites(clip, [2], pos_x=0.3, pos_y=0.6)
+        picture = sprite_images([2], clip.cfg.image_size, clip.cfg.in_channels, pos_x=0.3, pos_y=0.6)
     clip_lens = logit_lens(clip, picture, classifier=classifier)
     top = clip_lens.top_labels(layer=-1, k=1)
     print(f"CLIP ({args.clip_model}): final top class of the first patches: {[t[0] for t in top[:4]]}")

@@ -18,25 +18,12 @@ from pathlib import Path
 
 import torch
 
-from prisma_lightning.backbones import HookedViT, HookedViTConfig, load_hooked_model
+from prisma_lightning.backbones import HookedViT, load_hooked_model
 from prisma_lightning.datamodules import DSpritesDataModule
 from prisma_lightning.interp import feature_steering, save_top_activating, top_activating
 from prisma_lightning.sae import SAEConfig, SparseAutoencoder, make_optimizer, train_step
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "dsprites-vit-2l"
-
-
-def load_dsprites_vit(path: Path) -> HookedViT:
-    """The shipped dSprites ViT, or a random-weight stand-in with the same interface when it is missing."""
-    if path.is_dir():
-        return load_hooked_model(str(path))
-    print(f"note: {path} not found; using a random-weight 2-layer ViT instead (its readings are meaningless)")
-    torch.manual_seed(0)
-    cfg = HookedViTConfig(
-        d_model=64, n_layers=2, n_heads=4, image_size=64, patch_size=8, in_channels=1, n_classes=3,
-        model_name="random-dsprites-vit-2l",
-    )  # fmt: skip
-    return HookedViT(cfg).eval()
 
 
 @torch.no_grad()
@@ -80,7 +67,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
-    model = load_dsprites_vit(args.checkpoint)
+    model = load_hooked_model(str(args.checkpoint))
     size, channels = model.cfg.image_size[0], model.cfg.in_channels
     data = DSpritesDataModule(
         cache=False, subset_size=args.images, val_fraction=0.5, test_fraction=0.0, image_size=size,

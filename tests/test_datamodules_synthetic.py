@@ -319,3 +319,17 @@ def test_induction_yaml(tmp_path, monkeypatch) -> None:
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (128, 1, 32, 32) and y.max() < 60
+
+
+def test_sprite_images_render_resize_and_validate() -> None:
+    from prisma_lightning.datamodules import sprite_images
+    from prisma_lightning.datamodules.dsprites import render_sprites
+
+    native = sprite_images([0, 1, 2], scale=0.8, orientation=0.5, pos_x=0.25, pos_y=0.75)
+    expected = render_sprites(np.array([0, 1, 2]), np.full(3, 0.8), np.full(3, 0.5), np.full(3, 0.25), np.full(3, 0.75))
+    assert native.shape == (3, 1, 64, 64) and torch.equal(native[:, 0], torch.from_numpy(expected).float())
+    small = sprite_images([2], size=(32, 32), channels=3)
+    assert small.shape == (1, 3, 32, 32) and torch.equal(small[:, 0], small[:, 2])
+    assert 0 <= float(small.min()) and float(small.max()) <= 1 and 0 < float(small.mean()) < 1
+    with pytest.raises(ValueError, match="shape indices 0-2"):
+        sprite_images([3])

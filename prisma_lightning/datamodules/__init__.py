@@ -19,6 +19,7 @@ _EXPORTS = {
     "DSpritesDataset": "dsprites",
     "DSpritesGrid": "dsprites",
     "write_dsprites_cache": "dsprites",
+    "sprite_images": "dsprites",
     "InductionDataModule": "induction",
     "InductionDataset": "induction",
     "ImageNetDataModule": "imagenet",

@@ -159,6 +159,30 @@ def render_sprites(
     return out
 
 
+def sprite_images(
+    shapes: Sequence[int],
+    size: int | Sequence[int] = CANVAS,
+    channels: int = 1,
+    scale: float = 1.0,
+    orientation: float = 0.3,
+    pos_x: float = 0.5,
+    pos_y: float = 0.5,
+) -> torch.Tensor:
+    """dSprites images ``[B, channels, H, W]`` in [0, 1] of the given shapes (0 square, 1 ellipse, 2 heart), all at
+    the same scale, orientation and position; resized (antialiased) to ``size``, e.g. ``model.cfg.image_size``."""
+    n = len(shapes)
+    if n == 0 or any(int(s) not in range(len(SHAPES)) for s in shapes):
+        raise ValueError(
+            f"shapes must be a non-empty list of shape indices 0-{len(SHAPES) - 1} {SHAPES}, got {shapes}."
+        )
+    full = [np.full(n, value, dtype=np.float64) for value in (scale, orientation, pos_x, pos_y)]
+    x = torch.from_numpy(render_sprites(np.asarray(shapes), *full)).float()[:, None]
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if hw != (CANVAS, CANVAS):
+        x = torch.nn.functional.interpolate(x, size=hw, mode="bilinear", antialias=True)
+    return x.expand(-1, channels, -1, -1).contiguous()
+
+
 def _in_square(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.maximum(np.abs(u), np.abs(v)) <= 0.5
 

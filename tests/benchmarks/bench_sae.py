@@ -11,6 +11,8 @@ gradient ``x.T @ G``, each producing a fresh output as in a real step (``x [B, d
     target <= 1.2.
 (b) TopK SAE (k=64): the same step with the index-based sparse decoder and encoder backward / floor; target <= 0.6.
 
+The other architectures (BatchTopK, Matryoshka BatchTopK, JumpReLU, Gated) are timed against the same floor.
+
 Each case is a function returning a zero-argument callable; ``main`` times all of them interleaved (so drifts in
 machine load hit every case alike) and prints medians and ratios. New cases: add a builder to ``CASES`` and a
 row to ``RATIOS``.
@@ -80,16 +82,48 @@ def topk_train_step(args: argparse.Namespace) -> Callable[[], object]:
     return _train_step_case(cfg, args)
 
 
+def architecture_step(architecture: str) -> Builder:
+    """A train_step case for any other architecture, at the same sizes (k for the TopK family)."""
+
+    def build(args: argparse.Namespace) -> Callable[[], object]:
+        k = args.k if architecture in ("batchtopk", "matryoshka_batchtopk") else None
+        cfg = SAEConfig(d_in=args.d_in, expansion_factor=args.expansion, architecture=architecture, k=k,
+                        b_dec_init="mean")  # fmt: skip
+        return _train_step_case(cfg, args)
+
+    build.__doc__ = f"{architecture} SAE train_step."
+    return build
+
+
+FLOOR = "dense GEMM floor (5 matmuls)"
 CASES: dict[str, Builder] = {
-    "dense GEMM floor (5 matmuls)": gemm_floor,
+    FLOOR: gemm_floor,
     "ReLU SAE train_step": relu_train_step,
     "TopK SAE train_step": topk_train_step,
+    "BatchTopK SAE train_step": architecture_step("batchtopk"),
+    "Matryoshka BatchTopK SAE train_step": architecture_step("matryoshka_batchtopk"),
+    "JumpReLU SAE train_step": architecture_step("jumprelu"),
+    "Gated SAE train_step": architecture_step("gated"),
 }
 RATIOS: list[tuple[str, str, str, str]] = [
     # (label, numerator case, denominator case, target)
-    ("(a) ReLU train_step / GEMM floor", "ReLU SAE train_step", "dense GEMM floor (5 matmuls)", "<= 1.2"),
-    ("(b) TopK train_step / GEMM floor", "TopK SAE train_step", "dense GEMM floor (5 matmuls)", "<= 0.6"),
+    ("(a) ReLU train_step / GEMM floor", "ReLU SAE train_step", FLOOR, "<= 1.2"),
+    ("(b) TopK train_step / GEMM floor", "TopK SAE train_step", FLOOR, "<= 0.6"),
+    ("BatchTopK train_step / GEMM floor", "BatchTopK SAE train_step", FLOOR, "<= 0.6"),
+    ("Matryoshka BatchTopK train_step / GEMM floor", "Matryoshka BatchTopK SAE train_step", FLOOR, "report"),
+    ("JumpReLU train_step / GEMM floor", "JumpReLU SAE train_step", FLOOR, "<= 1.2"),
+    ("Gated train_step / GEMM floor", "Gated SAE train_step", FLOOR, "report"),
 ]
+
+
+def ratio_rows(quick: bool = False) -> list[tuple[str, float, str]]:
+    """The ratios above as ``(label, median ratio, target)`` rows (for run_all.py)."""
+    args = argparse.Namespace(d_in=768, expansion=4 if quick else 16, batch=512 if quick else 2048, k=64,
+                              repeats=3 if quick else 7, warmup=1 if quick else 2)  # fmt: skip
+    samples = time_interleaved({name: build(args) for name, build in CASES.items()}, args.repeats, args.warmup)
+    med = {name: statistics.median(ts) for name, ts in samples.items()}
+    size = f"d_in {args.d_in}, d_sae {args.d_in * args.expansion}, batch {args.batch}"
+    return [(f"SAE {label} ({size})", med[num] / med[den], target) for label, num, den, target in RATIOS]
 
 
 def time_interleaved(cases: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:

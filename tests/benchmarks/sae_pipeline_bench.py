@@ -172,7 +172,7 @@ def online_vs_forward(model: str = "vit_small_patch16_224", layer: int = 6, batc
     return {"online_img_per_s": online_ips, "forward_img_per_s": forward_ips, "ratio": online_ips / forward_ips}
 
 
-def online_peak_memory(buffer_tokens: int = 2**20, d: int = 384) -> dict:
+def online_peak_memory(buffer_tokens: int = 2**20, d: int = 384, repeats: int = 3) -> dict:
     """Extra peak RSS of an online run with a large mixing buffer (fresh processes) vs the buffer's configured bytes."""
     import json
     import subprocess
@@ -204,7 +204,10 @@ print(json.dumps({{"growth_bytes": (after - before) * 1024}}))
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])["growth_bytes"]
 
-    # The same run with a minimal buffer measures everything else (Lightning, activations, the SAE).
-    extra = growth(buffer_tokens) - growth(16384)
+    # The same run with a minimal buffer measures everything else (Lightning, activations, the SAE). Pairs of
+    # runs alternate and the median difference is reported, so one disturbed process does not decide the row.
+    extras = [growth(buffer_tokens) - growth(16384) for _ in range(repeats)]
+    extra = statistics.median(extras)
     buffer_bytes = (buffer_tokens - 16384) * d * 4
-    return {"buffer_extra_MB": extra / 2**20, "buffer_MB": buffer_bytes / 2**20, "ratio": extra / buffer_bytes}
+    return {"buffer_extra_MB": extra / 2**20, "buffer_MB": buffer_bytes / 2**20, "ratio": extra / buffer_bytes,
+            "extras_MB": [e / 2**20 for e in extras]}  # fmt: skip
