@@ -58,10 +58,11 @@ def lightning_vs_raw(
         def fit_run() -> list[float]:
             timer = Timer()
             module = SAEModule(SparseAutoencoder(cfg), init_tokens=batch, export_dir=str(Path(tmp) / "sae"))
-            trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                 enable_model_summary=False, callbacks=[timer], accelerator="cpu", devices=1)  # fmt: skip
+            trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False,
+                                 enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                                 accelerator="cpu", devices=1)  # fmt: skip
             trainer.fit(module, datamodule=ActivationDataModule(str(folder), batch_size=batch, shuffle=False))
-            return [b - a for a, b in zip(timer.ends, timer.ends[1:])][2:]
+            return [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)][2:]
 
         def raw_run() -> list[float]:
             sae = SparseAutoencoder(cfg)
@@ -81,7 +82,7 @@ def lightning_vs_raw(
                 optimizer.step()
                 sae.after_optimizer_step()
                 ends.append(time.perf_counter())
-            return [b - a for a, b in zip(ends, ends[1:])][2:]
+            return [b - a for a, b in zip(ends, ends[1:], strict=False)][2:]
 
         for _ in range(rounds):
             fit_times += fit_run()
