@@ -22,7 +22,8 @@ from prisma_lightning.sae import (
     sparse_encode,
     train_step,
 )
-from prisma_lightning.sae.activations import relu_sae
+from prisma_lightning.sae.activations import jumprelu, jumprelu_sae, relu_sae
+from prisma_lightning.sae.activations import step as heaviside
 from prisma_lightning.sae.sparse_ops import batch_topk_select, pre_activations, topk_select
 
 D_IN, D_SAE, K = 12, 48, 4
@@ -263,6 +264,42 @@ def test_fused_relu_gradients_match_autograd(feature_major: bool) -> None:
     for got, ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     assert grads[1].stride() == W_enc.stride()  # laid out like the weight: no copy in autograd or the optimizer
+
+
+@pytest.mark.parametrize("feature_major", [False, True])
+@pytest.mark.parametrize("with_b_in", [False, True])
+def test_fused_jumprelu_matches_the_composition_of_its_estimators(feature_major: bool, with_b_in: bool) -> None:
+    """jumprelu_sae == jumprelu + step + addmm: values and every gradient, threshold included (wide kernel).
+
+    In float64, so the comparison is not about float32 summation order."""
+    torch.manual_seed(0)
+    f64 = torch.float64
+    x = torch.randn(64, 5, dtype=f64, requires_grad=True)
+    W_enc = (torch.randn(11, 5, dtype=f64).t() if feature_major else torch.randn(5, 11, dtype=f64)).requires_grad_()
+    W_dec, b_enc, b_in, b_dec = (torch.randn(*s, dtype=f64, requires_grad=True) for s in ((11, 5), (11,), (5,), (5,)))
+    log_t = torch.full((11,), math.log(0.5), dtype=f64).add_(0.3 * torch.randn(11, dtype=f64)).requires_grad_()
+    bias_in = b_in if with_b_in else None
+    tensors = [x, W_enc, b_enc, W_dec, b_dec, log_t] + ([b_in] if with_b_in else [])
+    bw = 0.8  # wide enough that many entries sit inside the rectangle kernel
+
+    def loss_of(feats, recon, l0):
+        return (recon - 1).pow(2).sum() + 0.3 * l0.sum() + (feats * torch.linspace(0, 1, 11, dtype=f64)).sum()
+
+    theta = log_t.exp()
+    feats, recon, l0 = jumprelu_sae(x, W_enc, b_enc, bias_in, W_dec, b_dec, theta, bw)
+    grads = torch.autograd.grad(loss_of(feats, recon, l0), tensors)
+    pre = (x if bias_in is None else x - bias_in) @ W_enc + b_enc
+    theta = log_t.exp()  # a fresh graph for the reference
+    ref_feats = jumprelu(pre, theta, bw)
+    ref_l0 = heaviside(pre, theta, bw).sum(-1)
+    torch.testing.assert_close(feats, ref_feats)
+    torch.testing.assert_close(l0, ref_l0)
+    kernel = ((pre - theta).abs() < bw / 2).sum()
+    assert 0 < kernel < pre.numel()  # the threshold gradient is exercised, and not trivially everywhere
+    grads_ref = torch.autograd.grad(loss_of(ref_feats, ref_feats @ W_dec + b_dec, ref_l0), tensors)
+    for got, ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
+    assert grads[1].stride() == W_enc.stride()
 
 
 def test_auxk_is_zero_without_dead_features_and_trains_only_dead_ones() -> None:

@@ -147,3 +147,79 @@ def relu_sae(
     reaches ``W_dec`` through the row norms too), and the number of active features per token ``l0 [n]``.
     """
     return _ReluSAE.apply(x, W_enc, b_enc, b_in, W_dec, b_dec, l1_norm_weighted)
+
+
+class _JumpReluSAE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_in, W_dec, b_dec, threshold, bandwidth):
+        ctx.set_materialize_grads(False)
+        pre = pre_activations(x, W_enc, b_enc, b_in)
+        gap = pre - threshold
+        mask = gap > 0
+        # Entries inside the rectangle kernel |pre - threshold| < bandwidth / 2 are the only ones the threshold's
+        # straight-through gradient reads; with a small bandwidth they are few, so keep their coordinates.
+        rows, cols = (gap.abs_() < 0.5 * bandwidth).nonzero(as_tuple=True)
+        del gap
+        feats = pre.mul_(mask)  # the pre-activation buffer becomes the features
+        l0 = mask.sum(-1, dtype=feats.dtype)
+        recon = torch.addmm(b_dec, feats, W_dec)
+        ctx.bandwidth = bandwidth
+        ctx.save_for_backward(x, W_enc, b_in, W_dec, threshold, feats, mask, rows, cols)
+        return feats, recon, l0
+
+    @staticmethod
+    def backward(ctx, grad_feats, grad_recon, grad_l0):
+        x, W_enc, b_in, W_dec, threshold, feats, mask, rows, cols = ctx.saved_tensors
+        need, bw = ctx.needs_input_grad, ctx.bandwidth
+        grad = None  # gradient reaching the features (from the reconstruction and any penalty on them)
+        if grad_recon is not None:
+            grad = torch.mm(grad_recon, W_dec.t())
+            if grad_feats is not None:
+                grad.add_(grad_feats)
+        elif grad_feats is not None:
+            grad = grad_feats.clone()
+        grad_threshold = None
+        if need[6]:
+            grad_threshold = torch.zeros_like(threshold)
+            if grad is not None:  # JumpReLU STE: d f / d theta = -(theta / bw) * rect((pre - theta) / bw)
+                grad_threshold.index_add_(0, cols, grad[rows, cols])
+                grad_threshold.mul_(-threshold / bw)
+            if grad_l0 is not None:  # Heaviside STE: d H / d theta = -(1 / bw) * rect((pre - theta) / bw)
+                grad_threshold.index_add_(0, cols, grad_l0[rows], alpha=-1.0 / bw)
+        grad_W_dec = feats.t() @ grad_recon if grad_recon is not None and need[4] else None
+        grad_b_dec = grad_recon.sum(0) if grad_recon is not None and need[5] else None
+        if grad is None:
+            return None, None, None, None, grad_W_dec, grad_b_dec, grad_threshold, None
+        grad_pre = grad.mul_(mask)
+        grad_b_enc = grad_pre.sum(0)
+        grad_W_enc = grad_b_in = grad_x = None
+        if need[1]:
+            grad_W_enc = _weight_grad_like(W_enc, grad_pre.t() @ x) if W_enc.stride(0) == 1 else x.t() @ grad_pre
+            if b_in is not None:
+                grad_W_enc.addr_(b_in, grad_b_enc, alpha=-1)
+        if b_in is not None and need[3]:
+            grad_b_in = -(W_enc @ grad_b_enc)
+        if need[0]:
+            grad_x = grad_pre @ W_enc.t()
+        b_enc_grad = grad_b_enc if need[2] else None
+        return grad_x, grad_W_enc, b_enc_grad, grad_b_in, grad_W_dec, grad_b_dec, grad_threshold, None
+
+
+def jumprelu_sae(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_in: Tensor | None,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    threshold: Tensor,
+    bandwidth: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A JumpReLU SAE as one autograd node (the composition of :func:`jumprelu`, :func:`step` and the decoder).
+
+    Returns ``feats = pre * (pre > threshold) [n, d_sae]`` with ``pre = (x - b_in) @ W_enc + b_enc``,
+    ``recon = feats @ W_dec + b_dec [n, d_out]`` and ``l0 = H(pre - threshold).sum(-1) [n]``. ``threshold`` gets
+    both straight-through gradients (through ``feats`` and through ``l0``); the dense passes are the two GEMMs per
+    direction plus a handful of elementwise ones, and the kernel's few active entries are kept as coordinates.
+    """
+    return _JumpReluSAE.apply(x, W_enc, b_enc, b_in, W_dec, b_dec, threshold, bandwidth)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import losses
-from .activations import jumprelu, relu_sae, step
+from .activations import jumprelu, jumprelu_sae, relu_sae
 from .config import BATCH_TOPK_FAMILY, SAEConfig
 from .init import geometric_median, unit_rows
 from .sparse_ops import (
@@ -416,22 +416,21 @@ class SparseAutoencoder(nn.Module):
         return _Pass(recon, feats, None, sparsity, None, None, l0, fired)
 
     def _pass_jumprelu(self, x_n: Tensor, step_: int | None) -> _Pass:
-        pre = pre_activations(x_n, self.W_enc, self.b_enc, self._input_bias())
-        theta, bw = self.threshold, self.cfg.jumprelu_bandwidth
-        feats = jumprelu(pre, theta, bw)
-        active = step(pre, theta, bw).sum(-1)
+        theta, bw, b_in = self.threshold, self.cfg.jumprelu_bandwidth, self._input_bias()
+        feats, recon, active = jumprelu_sae(x_n, self.W_enc, self.b_enc, b_in, self.W_dec, self.b_dec, theta, bw)
         if self.cfg.jumprelu_sparsity_loss == "tanh":
             penalty = torch.tanh(self.cfg.jumprelu_tanh_scale * feats * self.W_dec.norm(dim=1)).sum(-1)
         else:
             penalty = active
         sparsity = self.sparsity_coefficient(step_) * penalty.mean()
-        recon = self._add_skip(torch.addmm(self.b_dec, feats, self.W_dec), x_n)
+        recon = self._add_skip(recon, x_n)
         fired = (feats.detach().amax(0) > 0) if self.training else feats.new_zeros(0)
         aux = None
         if self.training and self.cfg.jumprelu_pre_act_coefficient > 0:
             dead = self.dead_features()
             if dead.numel():  # pull dead features' pre-activations up to their thresholds
-                gap = (theta[dead] - pre[:, dead]).relu() * self.W_dec[dead].norm(dim=1)
+                pre_dead = pre_activations(x_n, self.W_enc[:, dead], self.b_enc[dead], b_in)
+                gap = (theta[dead] - pre_dead).relu() * self.W_dec[dead].norm(dim=1)
                 aux = self.cfg.jumprelu_pre_act_coefficient * gap.sum(-1).mean()
         return _Pass(recon, feats, None, sparsity, aux, None, active.detach(), fired)
 
