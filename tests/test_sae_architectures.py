@@ -286,7 +286,7 @@ def test_fused_jumprelu_matches_the_composition_of_its_estimators(feature_major:
         return (recon - 1).pow(2).sum() + 0.3 * l0.sum() + (feats * torch.linspace(0, 1, 11, dtype=f64)).sum()
 
     theta = log_t.exp()
-    feats, recon, l0 = jumprelu_sae(x, W_enc, b_enc, bias_in, W_dec, b_dec, theta, bw)
+    feats, recon, l0, fired = jumprelu_sae(x, W_enc, b_enc, bias_in, W_dec, b_dec, theta, bw)
     grads = torch.autograd.grad(loss_of(feats, recon, l0), tensors)
     pre = (x if bias_in is None else x - bias_in) @ W_enc + b_enc
     theta = log_t.exp()  # a fresh graph for the reference
@@ -294,6 +294,9 @@ def test_fused_jumprelu_matches_the_composition_of_its_estimators(feature_major:
     ref_l0 = heaviside(pre, theta, bw).sum(-1)
     torch.testing.assert_close(feats, ref_feats)
     torch.testing.assert_close(l0, ref_l0)
+    assert torch.equal(fired, (ref_feats > 0).any(0))
+    fired_two = jumprelu_sae(x[:2], W_enc, b_enc, bias_in, W_dec, b_dec, theta, bw)[3]
+    assert torch.equal(fired_two, (ref_feats[:2] > 0).any(0)) and not fired_two.all()
     kernel = ((pre - theta).abs() < bw / 2).sum()
     assert 0 < kernel < pre.numel()  # the threshold gradient is exercised, and not trivially everywhere
     grads_ref = torch.autograd.grad(loss_of(ref_feats, ref_feats @ W_dec + b_dec, ref_l0), tensors)

@@ -162,13 +162,15 @@ class _JumpReluSAE(torch.autograd.Function):
         del gap
         feats = pre.mul_(mask)  # the pre-activation buffer becomes the features
         l0 = mask.sum(-1, dtype=feats.dtype)
+        fired = mask.any(0)
         recon = torch.addmm(b_dec, feats, W_dec)
         ctx.bandwidth = bandwidth
         ctx.save_for_backward(x, W_enc, b_in, W_dec, threshold, feats, mask, rows, cols)
-        return feats, recon, l0
+        ctx.mark_non_differentiable(fired)
+        return feats, recon, l0, fired
 
     @staticmethod
-    def backward(ctx, grad_feats, grad_recon, grad_l0):
+    def backward(ctx, grad_feats, grad_recon, grad_l0, _grad_fired):
         x, W_enc, b_in, W_dec, threshold, feats, mask, rows, cols = ctx.saved_tensors
         need, bw = ctx.needs_input_grad, ctx.bandwidth
         grad = None  # gradient reaching the features (from the reconstruction and any penalty on them)
@@ -214,11 +216,12 @@ def jumprelu_sae(
     b_dec: Tensor,
     threshold: Tensor,
     bandwidth: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A JumpReLU SAE as one autograd node (the composition of :func:`jumprelu`, :func:`step` and the decoder).
 
     Returns ``feats = pre * (pre > threshold) [n, d_sae]`` with ``pre = (x - b_in) @ W_enc + b_enc``,
-    ``recon = feats @ W_dec + b_dec [n, d_out]`` and ``l0 = H(pre - threshold).sum(-1) [n]``. ``threshold`` gets
+    ``recon = feats @ W_dec + b_dec [n, d_out]``, ``l0 = H(pre - threshold).sum(-1) [n]`` and which features
+    fired in the batch ``[d_sae]`` (bool, no gradient). ``threshold`` gets
     both straight-through gradients (through ``feats`` and through ``l0``); the dense passes are the two GEMMs per
     direction plus a handful of elementwise ones, and the kernel's few active entries are kept as coordinates.
     """

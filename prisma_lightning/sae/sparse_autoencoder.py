@@ -417,14 +417,13 @@ class SparseAutoencoder(nn.Module):
 
     def _pass_jumprelu(self, x_n: Tensor, step_: int | None) -> _Pass:
         theta, bw, b_in = self.threshold, self.cfg.jumprelu_bandwidth, self._input_bias()
-        feats, recon, active = jumprelu_sae(x_n, self.W_enc, self.b_enc, b_in, self.W_dec, self.b_dec, theta, bw)
+        feats, recon, active, fired = jumprelu_sae(x_n, self.W_enc, self.b_enc, b_in, self.W_dec, self.b_dec, theta, bw)
         if self.cfg.jumprelu_sparsity_loss == "tanh":
             penalty = torch.tanh(self.cfg.jumprelu_tanh_scale * feats * self.W_dec.norm(dim=1)).sum(-1)
         else:
             penalty = active
         sparsity = self.sparsity_coefficient(step_) * penalty.mean()
         recon = self._add_skip(recon, x_n)
-        fired = (feats.detach().amax(0) > 0) if self.training else feats.new_zeros(0)
         aux = None
         if self.training and self.cfg.jumprelu_pre_act_coefficient > 0:
             dead = self.dead_features()
