@@ -40,7 +40,9 @@ def assert_same_sae(a: Path, b: Path, atol: float = 1e-5) -> None:
         assert_close(p, q, atol=atol, rtol=0, msg=f"{name} differs")
 
 
-def test_cached_sae_ddp_equals_one_process(tmp_path) -> None:
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_cached_sae_ddp_equals_one_process(tmp_path, architecture: str) -> None:
+    """BatchTopK selects over the global batch (all ranks' rows), so it too matches one process."""
     torch.manual_seed(0)
     writer = ShardWriter(tmp_path / "acts", d=32, tokens_per_image=16, images_per_shard=64)
     writer.add(torch.randn(256 * 16, 32) @ torch.randn(32, 32), 256)
@@ -49,7 +51,7 @@ def test_cached_sae_ddp_equals_one_process(tmp_path) -> None:
         "seed_everything": 0,
         "trainer": {**TRAINER, "max_steps": 12},
         "model": {"class_path": "prisma_lightning.modules.SAEModule",
-                  "init_args": {"sae": SAE, "init_tokens": 256, "lr": 1e-3}},
+                  "init_args": {"sae": {**SAE, "architecture": architecture}, "init_tokens": 256, "lr": 1e-3}},
         "data": {"class_path": "prisma_lightning.datamodules.ActivationDataModule",
                  "init_args": {"path": str(tmp_path / "acts"), "batch_size": 256}},
     }  # fmt: skip

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from prisma_lightning.activations import MixingBuffer, Tokens, select_tokens
 from prisma_lightning.sae import SAEConfig, SAEOutput, SparseAutoencoder, make_optimizer
+from prisma_lightning.sae.config import BATCH_TOPK_FAMILY
 
 LRDecay = Literal["none", "cosine", "linear"]
 
@@ -172,6 +173,11 @@ class SAEModule(pl.LightningModule):
             self.check_hook()
             if self.backbone_transforms:
                 apply_backbone_transforms(self.trainer.datamodule if self._trainer is not None else None, self.backbone)
+
+    def on_fit_start(self) -> None:
+        # BatchTopK picks k x (global batch) activations: under DDP the selection spans every rank's rows.
+        if self._world() > 1 and torch.distributed.is_initialized() and self.sae.cfg.architecture in BATCH_TOPK_FAMILY:
+            self.sae.batch_topk_group = torch.distributed.group.WORLD
 
     def check_hook(self) -> None:
         """Fail early, naming both widths, when the hook does not exist or ``d_in`` does not match it."""
@@ -387,6 +393,7 @@ class SAEModule(pl.LightningModule):
         return self.sae.save(folder)
 
     def on_fit_end(self) -> None:
+        self.sae.batch_topk_group = None  # the SAE may be used outside this process group from now on
         folder = self.sae_folder()  # on every rank: trainer.log_dir is a collective call under DDP
         if self.trainer.is_global_zero:
             self.export(folder)

@@ -123,6 +123,9 @@ class SparseAutoencoder(nn.Module):
         self._build_extra(kw)
         if cfg.architecture in BATCH_TOPK_FAMILY:
             self.register_buffer("running_threshold", torch.zeros((), **kw))
+        self.batch_topk_group: Any = None
+        """A ``torch.distributed`` process group: BatchTopK then selects over the union of every rank's batch
+        (set by ``SAEModule`` under DDP, so N processes train exactly like one on the global batch)."""
         if cfg.architecture == "matryoshka_batchtopk":
             ends = torch.tensor(cfg.matryoshka_prefixes, device=kw["device"])
             self.register_buffer("prefix_ends", ends, persistent=False)
@@ -333,7 +336,7 @@ class SparseAutoencoder(nn.Module):
             values, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
             return torch.zeros_like(pre).scatter(-1, idx, values.relu())
         if self.training:
-            values, pattern = batch_topk_select(pre, self.cfg.k)
+            values, pattern = batch_topk_select(pre, self.cfg.k, self.batch_topk_group)
         else:
             values, pattern = threshold_select(pre, self.running_threshold)
         return self._densify(values, pattern)
@@ -459,7 +462,7 @@ class SparseAutoencoder(nn.Module):
         if arch == "topk":
             select = lambda pre: topk_select(pre, cfg.k)  # noqa: E731
         elif self.training:
-            select = lambda pre: batch_topk_select(pre, cfg.k)  # noqa: E731
+            select = lambda pre: batch_topk_select(pre, cfg.k, self.batch_topk_group)  # noqa: E731
         else:
             threshold = self.running_threshold
             select = lambda pre: threshold_select(pre, threshold)  # noqa: E731
@@ -481,10 +484,14 @@ class SparseAutoencoder(nn.Module):
             else:
                 l0 = torch.bincount(pattern.rows, weights=active.to(values.dtype), minlength=pattern.n_rows)
             fired = pattern.indices if bool(active.all()) else pattern.indices[active]
-            if self.training and arch != "topk" and values.numel():
-                m = values.min()  # batch selections keep positive values only
-                rt = self.running_threshold
-                rt.copy_(torch.where(rt == 0, m, (1 - THRESHOLD_EMA) * rt + THRESHOLD_EMA * m))
+            if self.training and arch != "topk":
+                # the smallest selected value (batch selections keep positive values only), over all ranks
+                m = values.min() if values.numel() else values.new_full((), math.inf)
+                if self.batch_topk_group is not None:
+                    torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MIN, group=self.batch_topk_group)
+                if bool(torch.isfinite(m)):
+                    rt = self.running_threshold
+                    rt.copy_(torch.where(rt == 0, m, (1 - THRESHOLD_EMA) * rt + THRESHOLD_EMA * m))
         feats = self._densify(values, pattern) if return_feats else None
         codes = SparseCodes(pattern.indices, values, pattern.offsets)
         return _Pass(recon, feats, codes, values.new_zeros(()), None, prefix, l0.to(values.dtype), fired)

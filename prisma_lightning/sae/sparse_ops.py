@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -187,17 +188,57 @@ def topk_select(pre: Tensor, k: int) -> tuple[Tensor, SparsePattern]:
     return values.relu_().reshape(-1), SparsePattern.from_fixed_k(indices, pre.shape[-1])
 
 
-def batch_topk_select(pre: Tensor, k: int) -> tuple[Tensor, SparsePattern]:
+def batch_topk_select(pre: Tensor, k: int, group: Any = None) -> tuple[Tensor, SparsePattern]:
     """The ``k * n_rows`` largest positive pre-activations of the whole batch (rows get varying counts).
 
     Exact without sorting the ``n * d_sae`` entries: a strided sample gives a level ``lo`` a little below the
     selection threshold, the entries above ``lo`` (about twice as many as needed) are gathered in row-major
     order, and the exact threshold ``t`` is found among them; ``lo`` is lowered if too few entries pass. Entries
     equal to ``t`` are all kept. Entries come grouped by row with increasing feature ids within a row.
+
+    With a ``torch.distributed`` process ``group`` the batch is the union of every rank's rows (DDP): the
+    selection keeps ``k * (rows of all ranks)`` entries in all, as one process would on the whole global batch.
+    Each rank proposes its own top candidates, they are all-gathered (``k * n_global`` values at most per rank),
+    and every rank keeps its entries at or above the global threshold.
     """
     n, d_sae = pre.shape
     flat = pre.reshape(-1)
-    total = min(k * n, flat.numel())
+    n_global = n
+    if group is not None:
+        count = torch.tensor([n], device=pre.device, dtype=torch.long)
+        torch.distributed.all_reduce(count, group=group)
+        n_global = int(count)
+    total = min(k * n_global, flat.numel())  # no rank can hold more of the selection than its own entries
+    values, where = _entries_above_level(pre, total)
+    if group is None:
+        if where.numel() > total:
+            t = values.topk(total, sorted=False).values.min()
+            chosen = (values >= t).nonzero().squeeze(1)
+            values, where = values.index_select(0, chosen), where.index_select(0, chosen)
+        return values, _pattern_from_flat(where, n, d_sae)
+    mine = values.topk(total, sorted=False).values if values.numel() > total else values
+    size = torch.tensor([mine.numel()], device=pre.device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(sizes, size, group=group)
+    longest = int(max(int(s) for s in sizes))
+    padded = torch.full((longest,), -1.0, dtype=values.dtype, device=pre.device)  # candidates are all > 0
+    padded[: mine.numel()] = mine
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(gathered, padded, group=group)
+    candidates = torch.cat(gathered)
+    want = k * n_global
+    if int((candidates > 0).sum()) > want:
+        t = candidates.topk(want, sorted=False).values.min()
+        chosen = (values >= t).nonzero().squeeze(1)
+        values, where = values.index_select(0, chosen), where.index_select(0, chosen)
+    return values, _pattern_from_flat(where, n, d_sae)
+
+
+def _entries_above_level(pre: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """Values and flat positions of the entries above a level ``lo >= 0`` chosen so that at least ``total`` pass
+    (or all positive entries, if fewer are positive); a strided sample sets ``lo`` at about ``2 * total``."""
+    n, d_sae = pre.shape
+    flat = pre.reshape(-1)
     stride = max(1, flat.numel() // 65536)
     while math.gcd(stride, d_sae) != 1:  # a stride sharing a factor with d_sae would sample few features
         stride += 1
@@ -213,11 +254,7 @@ def batch_topk_select(pre: Tensor, k: int) -> tuple[Tensor, SparsePattern]:
         if where.numel() >= total or bool(lo <= 0):
             break
         want *= 4
-    values = flat.index_select(0, where)
-    if where.numel() > total:
-        chosen = (values >= values.topk(total, sorted=False).values.min()).nonzero().squeeze(1)
-        values, where = values.index_select(0, chosen), where.index_select(0, chosen)
-    return values, _pattern_from_flat(where, n, d_sae)
+    return flat.index_select(0, where), where
 
 
 def _flat_nonzero(mask: Tensor) -> Tensor:
