@@ -6,9 +6,9 @@ budget is 8,000 steps), then measures shape accuracy on held-out images and prin
 ViT-Prisma's published accuracy beside ours.
 
 Read the numbers as a budget-limited reproduction: every model first sits on a plateau near 0.45-0.5 for about
-1,000 steps of batch 128 before shape features emerge, so at the default budget (1,200 steps per model, about
-20 minutes for the eight models on a shared 2-core CPU) the rows show how far each model got out of it, one seed
-each. The full 2-layer config (8,000 steps) reaches about 0.97 (see examples/checkpoints/dsprites-vit-2l).
+1,000 steps of batch 128 before shape features emerge. At the default budget (5,000 steps per model) the eight
+models take about 45 minutes with one thread, or 23 minutes as two processes on a 2-core CPU
+(``--layers 1 4`` and ``--layers 2 3``); one seed each. The full 2-layer config (8,000 steps) reaches about 0.97.
 
 Run: ``python tests/benchmarks/dsprites_table.py`` (``--help`` for the budget; ``--json`` writes the numbers).
 """
@@ -35,7 +35,7 @@ VIT_PRISMA = {  # accuracy from ViT-Prisma's README (docs/experiments/dSprites_r
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per model")
+    parser.add_argument("--steps", type=int, default=5000, help="optimizer steps per model")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--subset-size", type=int, default=200_000, help="dSprites images drawn (train+val+test)")
     parser.add_argument("--test-images", type=int, default=2000, help="held-out images scored per model")
