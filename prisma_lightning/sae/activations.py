@@ -154,14 +154,15 @@ class _JumpReluSAE(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, b_in, W_dec, b_dec, threshold, bandwidth):
         ctx.set_materialize_grads(False)
         pre = pre_activations(x, W_enc, b_enc, b_in)
-        gap = pre - threshold
-        mask = gap > 0
+        mask = pre > threshold
         # Entries inside the rectangle kernel |pre - threshold| < bandwidth / 2 are the only ones the threshold's
         # straight-through gradient reads; with a small bandwidth they are few, so keep their coordinates.
-        rows, cols = (gap.abs_() < 0.5 * bandwidth).nonzero(as_tuple=True)
-        del gap
+        half = 0.5 * bandwidth
+        near = torch.logical_and(pre > threshold - half, pre < threshold + half)
+        rows, cols = near.nonzero(as_tuple=True)
+        del near
         feats = pre.mul_(mask)  # the pre-activation buffer becomes the features
-        l0 = mask.sum(-1, dtype=feats.dtype)
+        l0 = mask.view(torch.uint8).sum(-1, dtype=torch.int32).to(feats.dtype)  # the fastest row count on CPU
         fired = mask.any(0)
         recon = torch.addmm(b_dec, feats, W_dec)
         ctx.bandwidth = bandwidth

@@ -180,7 +180,12 @@ def online_peak_memory(buffer_tokens: int = 2**20, d: int = 384, repeats: int = 
     import sys
 
     code = f"""
-import resource, json, torch, lightning.pytorch as pl, tempfile
+import json, torch, lightning.pytorch as pl, tempfile
+
+def peak_kb():  # this process's own high-water RSS (ru_maxrss would inherit the parent's peak across exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
 from torch.utils.data import DataLoader, TensorDataset
 from prisma_lightning.backbones import HookedViTConfig, HookedViT
 from prisma_lightning.modules import SAEModule
@@ -189,14 +194,14 @@ cfg = HookedViTConfig(d_model={d}, n_layers=2, n_heads=6, image_size=64, patch_s
 model = HookedViT(cfg).eval()
 images = torch.randn(2048, 3, 64, 64)
 loader = DataLoader(TensorDataset(images, torch.zeros(2048)), batch_size=256)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
 sae = SAEConfig(d_in={d}, expansion_factor=4, architecture="topk", k=16, hook_name="blocks.0.hook_resid_post",
                 b_dec_init="mean")
 module = SAEModule(sae, backbone=model, buffer_tokens={buffer_tokens}, batch_tokens=4096, init_tokens=4096,
                    export_dir=tempfile.mkdtemp())
 pl.Trainer(max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
            enable_model_summary=False, accelerator="cpu").fit(module, loader)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_kb()
 print(json.dumps({{"growth_bytes": (after - before) * 1024}}))
 """
 
