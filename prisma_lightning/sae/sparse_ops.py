@@ -211,27 +211,27 @@ def batch_topk_select(pre: Tensor, k: int, group: Any = None) -> tuple[Tensor, S
     total = min(k * n_global, flat.numel())  # no rank can hold more of the selection than its own entries
     values, where = _entries_above_level(pre, total)
     if group is None:
-        if where.numel() > total:
-            t = values.topk(total, sorted=False).values.min()
-            chosen = (values >= t).nonzero().squeeze(1)
-            values, where = values.index_select(0, chosen), where.index_select(0, chosen)
-        return values, _pattern_from_flat(where, n, d_sae)
-    mine = values.topk(total, sorted=False).values if values.numel() > total else values
-    size = torch.tensor([mine.numel()], device=pre.device, dtype=torch.long)
-    sizes = [torch.zeros_like(size) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(sizes, size, group=group)
-    longest = int(max(int(s) for s in sizes))
-    padded = torch.full((longest,), -1.0, dtype=values.dtype, device=pre.device)  # candidates are all > 0
-    padded[: mine.numel()] = mine
-    gathered = [torch.empty_like(padded) for _ in sizes]
-    torch.distributed.all_gather(gathered, padded, group=group)
-    candidates = torch.cat(gathered)
-    want = k * n_global
-    if int((candidates > 0).sum()) > want:
+        candidates, want = values, total
+    else:
+        candidates, want = _gather_candidates(values, total, group), k * n_global
+    if int((candidates > 0).sum()) > want:  # else every candidate is kept
         t = candidates.topk(want, sorted=False).values.min()
         chosen = (values >= t).nonzero().squeeze(1)
         values, where = values.index_select(0, chosen), where.index_select(0, chosen)
     return values, _pattern_from_flat(where, n, d_sae)
+
+
+def _gather_candidates(values: Tensor, total: int, group: Any) -> Tensor:
+    """Every rank's ``total`` largest candidate values (all > 0), concatenated; padding entries are -1."""
+    mine = values.topk(total, sorted=False).values if values.numel() > total else values
+    size = torch.tensor([mine.numel()], device=values.device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(sizes, size, group=group)
+    padded = torch.full((int(max(int(s) for s in sizes)),), -1.0, dtype=values.dtype, device=values.device)
+    padded[: mine.numel()] = mine
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(gathered, padded, group=group)
+    return torch.cat(gathered)
 
 
 def _entries_above_level(pre: Tensor, total: int) -> tuple[Tensor, Tensor]:
