@@ -90,43 +90,53 @@ def _reconstruct(sae: nn.Module, x: Tensor) -> Tensor:
     return sae.decode(feats)
 
 
-# ---------------------------------------------------------------------------------------------- splicing
-def splice_hooks(model: HookedViT, sae: nn.Module, include_error: bool = False) -> list[HookSpec]:
-    """The forward hooks :func:`splice_saes` adds for one SAE or transcoder (usable with ``run_with_hooks``)."""
-    hook_in, hook_out = _hooks_of(sae, model)
-    positions = _positions(sae, model)
-    captured: dict[str, Tensor] = {}
+def _rewrite_hooks(
+    sae: nn.Module, hook_in: str, hook_out: str, positions: slice, rewrite: Callable[[Tensor, Tensor], Tensor]
+) -> list[HookSpec]:
+    """Hooks that read the SAE's input rows ``x_in`` at ``hook_in`` and replace its output rows ``y`` at
+    ``hook_out`` (only at ``positions``) by ``rewrite(x_in, y)``; a transcoder's input is captured first."""
 
-    def replace(act: Tensor, x_in: Tensor) -> Tensor:
-        target = _select(act, positions)
-        flat_target, unflat = _flat(target, sae.d_out, hook_out)
-        recon = _reconstruct(sae, x_in).to(act.dtype)
-        if include_error:
-            recon = recon + (flat_target - recon).detach()
+    def read(act: Tensor) -> Tensor:
+        return _flat(_select(act, positions), sae.d_in, hook_in)[0]
+
+    def write(act: Tensor, x_in: Tensor) -> Tensor:
+        y, unflat = _flat(_select(act, positions), sae.d_out, hook_out)
+        new = unflat(rewrite(x_in, y).to(act.dtype))
+        if act.ndim < 3:  # a pooled [B, d] hook is replaced whole
+            return new
         out = act.clone()
-        if act.ndim >= 3:
-            out[:, positions] = unflat(recon)
-        else:
-            out = unflat(recon)
+        out[:, positions] = new
         return out
 
     if hook_in == hook_out:
 
-        def splice(act: Tensor, hook: Any) -> Tensor:
-            x, _ = _flat(_select(act, positions), sae.d_in, hook_in)
-            return replace(act, x)
+        def read_and_write(act: Tensor, hook: Any) -> Tensor:
+            return write(act, read(act))
 
-        return [(hook_in, splice)]
+        return [(hook_in, read_and_write)]
+    captured: dict[str, Tensor] = {}
 
     def capture(act: Tensor, hook: Any) -> None:
-        captured["x"], _ = _flat(_select(act, positions), sae.d_in, hook_in)
+        captured["x"] = read(act)
 
-    def splice_out(act: Tensor, hook: Any) -> Tensor:
+    def write_out(act: Tensor, hook: Any) -> Tensor:
         if "x" not in captured:
             raise RuntimeError(f"Transcoder input {hook_in!r} did not run before its output hook {hook_out!r}.")
-        return replace(act, captured.pop("x"))
+        return write(act, captured.pop("x"))
 
-    return [(hook_in, capture), (hook_out, splice_out)]
+    return [(hook_in, capture), (hook_out, write_out)]
+
+
+# ---------------------------------------------------------------------------------------------- splicing
+def splice_hooks(model: HookedViT, sae: nn.Module, include_error: bool = False) -> list[HookSpec]:
+    """The forward hooks :func:`splice_saes` adds for one SAE or transcoder (usable with ``run_with_hooks``)."""
+    hook_in, hook_out = _hooks_of(sae, model)
+
+    def reconstruct(x_in: Tensor, y: Tensor) -> Tensor:
+        recon = _reconstruct(sae, x_in).to(y.dtype)
+        return recon + (y - recon).detach() if include_error else recon
+
+    return _rewrite_hooks(sae, hook_in, hook_out, _positions(sae, model), reconstruct)
 
 
 @contextmanager
@@ -183,9 +193,8 @@ def feature_steering(
             raise ValueError("tokens='patches' needs the model to know its prefix length: pass model=.")
         positions = slice(0, 1) if tokens == "cls" else slice(None)
     idx = torch.tensor(features)
-    captured: dict[str, Tensor] = {}
 
-    def steer(act: Tensor, x_in: Tensor) -> Tensor:
+    def steer(x_in: Tensor, y: Tensor) -> Tensor:
         feats = sae.encode(x_in)
         new = feats.clone()
         values = torch.tensor(scales, dtype=feats.dtype, device=feats.device)
@@ -195,31 +204,9 @@ def feature_steering(
             delta = sae.decode(new, x_in=x_in) - sae.decode(feats, x_in=x_in)
         else:
             delta = sae.decode(new) - sae.decode(feats)
-        target = _select(act, positions)
-        flat, unflat = _flat(target, sae.d_out, hook_out)
-        out = act.clone()
-        steered = unflat(flat + delta.to(act.dtype))
-        if act.ndim >= 3:
-            out[:, positions] = steered
-        else:
-            out = steered
-        return out
+        return y + delta.to(y.dtype)
 
-    if hook_in == hook_out:
-
-        def steer_hook(act: Tensor, hook: Any) -> Tensor:
-            x, _ = _flat(_select(act, positions), sae.d_in, hook_in)
-            return steer(act, x)
-
-        return [(hook_in, steer_hook)]
-
-    def capture(act: Tensor, hook: Any) -> None:
-        captured["x"], _ = _flat(_select(act, positions), sae.d_in, hook_in)
-
-    def steer_out(act: Tensor, hook: Any) -> Tensor:
-        return steer(act, captured.pop("x"))
-
-    return [(hook_in, capture), (hook_out, steer_out)]
+    return _rewrite_hooks(sae, hook_in, hook_out, positions, steer)
 
 
 # ---------------------------------------------------------------------------------------------- top images
