@@ -20,7 +20,7 @@ import torch
 
 from prisma_lightning.backbones import load_hooked_model
 from prisma_lightning.datamodules.dsprites import sprite_images
-from prisma_lightning.interp import activation_patching, plot_patching
+from prisma_lightning.interp import activation_patching, plot_patching, save_figure
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "dsprites-vit-2l"
 
@@ -54,8 +54,8 @@ def main() -> None:
 
     resid = activation_patching(model, clean, corrupted, hook="resid_pre", batch_patches=args.batch_patches)
     heads = activation_patching(model, clean, corrupted, hook="z", by="head", batch_patches=args.batch_patches)
-    plot_patching(resid, model).savefig(args.out / "patching_resid_pre.png", dpi=110)
-    plot_patching(heads).savefig(args.out / "patching_heads.png", dpi=110)
+    save_figure(plot_patching(resid, model), args.out / "patching_resid_pre.png", dpi=110)
+    save_figure(plot_patching(heads), args.out / "patching_heads.png", dpi=110)
     noise = activation_patching(model, clean, corrupted, hook="attn_out", direction="noise", by="all")
     per_layer = [round(v, 4) for v in noise.values.tolist()]
     print(f"noising (corrupted attention outputs into the clean run), metric per layer: {per_layer}")

@@ -19,7 +19,7 @@ import torch
 
 from prisma_lightning.backbones import load_hooked_model
 from prisma_lightning.datamodules.dsprites import sprite_images
-from prisma_lightning.interp import plot_attention_heads, save_attention_html
+from prisma_lightning.interp import plot_attention_heads, save_attention_html, save_figure
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "dsprites-vit-2l"
 
@@ -41,7 +41,7 @@ def main() -> None:
         model = load_hooked_model(str(args.checkpoint))
         image = sprite_images([args.shape], model.cfg.image_size, model.cfg.in_channels, pos_x=0.35, pos_y=0.6)[0]
 
-    plot_attention_heads(model, image).savefig(args.out / "attention_heads.png", dpi=110)
+    save_figure(plot_attention_heads(model, image), args.out / "attention_heads.png", dpi=110)
     page = save_attention_html(args.out / "attention.html", model, image, title=f"Attention: {model.cfg.model_name}")
     print(f"{model.cfg.n_layers} layers x {model.cfg.n_heads} heads; page {page.stat().st_size / 1024:.0f} KiB")
     print(f"wrote {sorted(p.name for p in args.out.iterdir())} to {args.out}; open attention.html in a browser")

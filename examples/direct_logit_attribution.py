@@ -17,7 +17,7 @@ import torch
 
 from prisma_lightning.backbones import load_hooked_model
 from prisma_lightning.datamodules.dsprites import SHAPES, sprite_images
-from prisma_lightning.interp import direct_logit_attribution, plot_dla
+from prisma_lightning.interp import direct_logit_attribution, plot_dla, save_figure
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "dsprites-vit-2l"
 
@@ -44,7 +44,7 @@ def main() -> None:
         order = dla.contributions[:, b].abs().argsort(descending=True)[: args.top]
         parts = ", ".join(f"{dla.labels[i]} {dla.contributions[i, b]:+.3f}" for i in order)
         print(f"{SHAPES[shape]:>8} -> '{names[predicted[b]]}' logit {dla.logit[b]:.3f} = ... {parts}")
-    plot_dla(dla).savefig(args.out / "dla_predicted.png", dpi=110)
+    save_figure(plot_dla(dla), args.out / "dla_predicted.png", dpi=110)
 
     # Logit difference: true shape minus the next shape (mod 3), averaged plot over the three images.
     if model.cfg.n_classes >= 3:
@@ -54,7 +54,7 @@ def main() -> None:
         best = divmod(int(heads.abs().argmax()), model.cfg.n_heads)
         values = [round(v, 3) for v in diff.logit.tolist()]
         print(f"logit difference (true - next shape): {values}; largest head on average: L{best[0]}H{best[1]}")
-        plot_dla(diff).savefig(args.out / "dla_logit_diff.png", dpi=110)
+        save_figure(plot_dla(diff), args.out / "dla_logit_diff.png", dpi=110)
     print(f"wrote {sorted(p.name for p in args.out.iterdir())} to {args.out}")
 
 

@@ -27,11 +27,12 @@ from prisma_lightning.backbones import (
 )
 from prisma_lightning.datamodules.dsprites import SHAPES, sprite_images
 from prisma_lightning.interp import (
-    emoji_logit_lens_html,
     logit_lens,
     plot_emoji_logit_lens,
     plot_logit_lens_grid,
     plot_logit_lens_heatmap,
+    save_emoji_logit_lens_html,
+    save_figure,
 )
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "dsprites-vit-2l"
@@ -86,12 +87,12 @@ def main() -> None:
     for layer, label in enumerate(lens.layer_labels):
         top = lens.pooled_logits[layer].argmax(-1).tolist()
         print(f"  {label:>10}: pooled top class per image {[lens.class_names[i] for i in top]}")
-    plot_logit_lens_heatmap(lens, image=2).savefig(args.out / "logit_lens_heatmap.png", dpi=110)
+    save_figure(plot_logit_lens_heatmap(lens, image=2), args.out / "logit_lens_heatmap.png", dpi=110)
     emoji = SHAPE_EMOJI if model.cfg.n_classes == 3 else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a missing emoji font only means names are drawn
         grid = plot_logit_lens_grid(lens, images, layers=None, image=2, emoji=emoji)
-    grid.savefig(args.out / "logit_lens_patches.png", dpi=110)
+    save_figure(grid, args.out / "logit_lens_patches.png", dpi=110)
 
     # Part 2: CLIP through its projection and a zero-shot classifier, shown as emoji.
     clip, classifier = clip_and_classifier(args.clip_model, args.pretrained)
@@ -106,8 +107,8 @@ def main() -> None:
     print(f"CLIP ({args.clip_model}): final top class of the first patches: {[t[0] for t in top[:4]]}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        plot_emoji_logit_lens(clip_lens, picture).savefig(args.out / "emoji_logit_lens.png", dpi=110)
-    (args.out / "emoji_logit_lens.html").write_text(emoji_logit_lens_html(clip_lens, picture), encoding="utf-8")
+        save_figure(plot_emoji_logit_lens(clip_lens, picture), args.out / "emoji_logit_lens.png", dpi=110)
+    save_emoji_logit_lens_html(args.out / "emoji_logit_lens.html", clip_lens, picture)
     print(f"wrote {sorted(p.name for p in args.out.iterdir())} to {args.out}")
 
 

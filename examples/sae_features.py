@@ -4,7 +4,7 @@ python examples/sae_features.py --out runs/sae_features
 python examples/sae_features.py --sae path/to/sae_folder   # an SAE trained with `prisma fit` (or SAELens)
 
 Without --sae a small TopK SAE is trained here for a few hundred steps on the residual stream (all tokens) of
-rendered dSprites. Then: (1) `with model.saes([sae])` splices its reconstruction into the forward pass, which
+rendered dSprites. Then: (1) `with splice_saes(model, [sae])` splices its reconstruction into the forward pass, which
 changes the logits, and with include_error=True leaves them unchanged; (2) feature_steering adds a feature's
 decoder direction and shows how the logits move; (3) top_activating scans the data module for each feature's
 top images and writes them, with the feature's patch heatmap, as an image grid. Without
@@ -20,7 +20,7 @@ import torch
 
 from prisma_lightning.backbones import HookedViT, load_hooked_model
 from prisma_lightning.datamodules import DSpritesDataModule
-from prisma_lightning.interp import feature_steering, save_top_activating, top_activating
+from prisma_lightning.interp import feature_steering, save_top_activating, splice_saes, top_activating
 from prisma_lightning.sae import SAEConfig, SparseAutoencoder, make_optimizer, train_step
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "dsprites-vit-2l"
@@ -83,9 +83,9 @@ def main() -> None:
     images = next(iter(data.val_dataloader()))[0][:16]
     with torch.no_grad():
         clean = model(images)
-        with model.saes([sae]):
+        with splice_saes(model, [sae]):
             spliced = model(images)
-        with model.saes([sae], include_error=True):
+        with splice_saes(model, [sae], include_error=True):
             exact = model(images)
     agree = (spliced.argmax(-1) == clean.argmax(-1)).float().mean()
     print(f"spliced SAE: logits move by {(spliced - clean).abs().max():.4f} at most, predictions agree {agree:.0%}; "

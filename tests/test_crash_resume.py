@@ -90,6 +90,7 @@ def test_sigkill_mid_run_and_mid_checkpoint_resumes_to_the_same_weights(tmp_path
     # 3. Resume to the end.
     final = subprocess.run(command(cfg, "--ckpt_path", "last"), env=env, capture_output=True, text=True, timeout=400)
     assert final.returncode == 0, final.stderr[-2000:]
+    assert not list(ckpt_dir.glob(".*.tmp")), "the temporary file of the killed write was left behind"
     ref = SparseAutoencoder.load(tmp_path / "ref" / "sae")
     resumed = SparseAutoencoder.load(tmp_path / "crash" / "sae")
     for (name, p), (_, q) in zip(ref.named_parameters(), resumed.named_parameters(), strict=True):
@@ -105,3 +106,21 @@ def test_truncated_checkpoint_is_reported_clearly(tmp_path) -> None:
         check_checkpoint(str(path), None)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         check_checkpoint(str(tmp_path / "missing.ckpt"), None)
+
+
+def test_a_later_write_removes_temporaries_of_crashed_writes(tmp_path) -> None:
+    import os
+
+    from prisma_lightning.utils import atomic_path
+
+    dead = tmp_path / ".last.ckpt.999999999.a1b2.tmp"  # a process id that is not running: a crashed save
+    legacy = tmp_path / ".last.ckpt.x7y8.tmp"  # the naming of earlier versions (no process id)
+    running = tmp_path / f".last.ckpt.{os.getppid()}.c3d4.tmp"  # a live process writing right now
+    other = tmp_path / ".other.ckpt.999999999.e5f6.tmp"  # another file's temporary: not ours to touch
+    for path in (dead, legacy, running, other):
+        path.write_bytes(b"partial")
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}}, tmp_path / "last.ckpt")
+    assert not dead.exists() and not legacy.exists() and running.exists() and other.exists()
+    with atomic_path(tmp_path / "last.ckpt") as tmp:
+        assert str(os.getpid()) in tmp.name
+        tmp.write_bytes(b"x")

@@ -321,15 +321,71 @@ def test_induction_yaml(tmp_path, monkeypatch) -> None:
     assert x.shape == (128, 1, 32, 32) and y.max() < 60
 
 
-def test_sprite_images_render_resize_and_validate() -> None:
+def test_sprite_images_match_the_documented_geometry() -> None:
+    """Facts from the dSprites module's documentation, not from its renderer: a square of side
+    ``SPRITE_SIZE * scale``, a 2:1 ellipse, an upright heart, centres spanning ``POS_RANGE``, counter-clockwise
+    orientation, nothing clipped at the borders."""
     from prisma_lightning.datamodules import sprite_images
-    from prisma_lightning.datamodules.dsprites import render_sprites
+    from prisma_lightning.datamodules.dsprites import CANVAS, POS_RANGE, SPRITE_SIZE
 
-    native = sprite_images([0, 1, 2], scale=0.8, orientation=0.5, pos_x=0.25, pos_y=0.75)
-    expected = render_sprites(np.array([0, 1, 2]), np.full(3, 0.8), np.full(3, 0.5), np.full(3, 0.25), np.full(3, 0.75))
-    assert native.shape == (3, 1, 64, 64) and torch.equal(native[:, 0], torch.from_numpy(expected).float())
-    small = sprite_images([2], size=(32, 32), channels=3)
+    lo, hi = POS_RANGE
+
+    def render(shape: int, **kw) -> np.ndarray:
+        img = sprite_images([shape], **{"orientation": 0.0, **kw})
+        assert img.shape == (1, 1, CANVAS, CANVAS) and set(img.unique().tolist()) <= {0.0, 1.0}
+        return img[0, 0].numpy().astype(bool)
+
+    def centroid(img: np.ndarray) -> tuple[float, float]:  # (x, y) in pixel coordinates: pixel i spans [i, i+1)
+        rows, cols = np.nonzero(img)
+        return float(cols.mean() + 0.5), float(rows.mean() + 0.5)
+
+    # A square of odd side n centred on a pixel centre covers exactly n x n pixels.
+    on_pixel = (32.5 - lo) / (hi - lo)
+    for side in (7, 9, 13):
+        square = render(0, scale=side / SPRITE_SIZE, pos_x=on_pixel, pos_y=on_pixel)
+        rows, cols = np.nonzero(square)
+        assert square.sum() == side * side
+        assert (rows.min(), rows.max(), cols.min(), cols.max()) == (32 - side // 2, 32 + side // 2) * 2
+    assert SPRITE_SIZE == 13.0  # the side at scale 1 (so the 13 x 13 case above is scale 1)
+
+    # Positions 0 and 1 put the centre exactly on POS_RANGE; posX moves along columns, posY along rows.
+    assert centroid(render(0, pos_x=0.0, pos_y=1.0)) == (lo, hi)
+    assert centroid(render(0, pos_x=1.0, pos_y=0.0)) == (hi, lo)
+    assert centroid(render(0, pos_x=0.5, pos_y=0.5)) == ((lo + hi) / 2,) * 2
+
+    # The canvas centre (32, 32) is the sprite centre at position 0.5, so canvas flips and turns act on the sprite.
+    square, ellipse, heart = (render(s) for s in range(3))
+    for shape, img in enumerate((square, ellipse, heart)):
+        quarter = render(shape, orientation=math.pi / 2)
+        assert np.array_equal(quarter, np.rot90(img))  # counter-clockwise (rows run downwards)
+        assert np.array_equal(img, img[:, ::-1])  # every shape is mirror-symmetric left to right
+        # Nothing is clipped near the borders: at positions 0 and 1 the sprite is the centred one shifted by 22 px.
+        for pos, shift in ((0.0, -22), (1.0, 22)):
+            for turn in (0.0, math.pi / 4, 1.0):
+                moved = render(shape, pos_x=pos, pos_y=pos, orientation=turn)
+                centred = render(shape, orientation=turn)
+                assert np.array_equal(moved, np.roll(centred, (shift, shift), axis=(0, 1))), (shape, pos, turn)
+    assert np.array_equal(render(0, orientation=math.pi / 2), square)  # a square is unchanged by a quarter turn
+    assert not np.array_equal(render(2, orientation=math.pi / 2), heart)
+
+    # The ellipse is twice as wide as tall (second moments of a filled ellipse are a^2/4 and b^2/4).
+    rows, cols = np.nonzero(ellipse)
+    assert abs(math.sqrt(cols.var() / rows.var()) - 2.0) < 0.15
+    assert abs(ellipse.sum() / (math.pi * 0.7 * 0.35 * SPRITE_SIZE**2) - 1) < 0.05  # semi-axes 0.7 and 0.35 sides
+
+    # The heart is upright: wide lobes at the top, a point at the bottom, so its mass sits above its box's middle.
+    rows = np.nonzero(heart.any(1))[0]
+    widths = heart.sum(1)[rows]
+    top, bottom = rows.min(), rows.max() + 1
+    assert centroid(heart)[1] < (top + bottom) / 2 - 0.25  # 0.43 px above; an upside-down heart is 0.43 below
+    assert rows[widths.argmax()] < (top + bottom) / 2 and widths[-1] <= widths.max() / 2
+    assert not np.array_equal(heart, heart[::-1])
+    assert 0.5 < heart.sum() / square.sum() < 0.7 and 0.8 < heart.any(0).sum() / SPRITE_SIZE < 1.0
+
+    # Resizing (antialiased) keeps the ink, values stay in [0, 1], channels are copies.
+    small = sprite_images([2], size=(32, 32), channels=3, orientation=0.0)
     assert small.shape == (1, 3, 32, 32) and torch.equal(small[:, 0], small[:, 2])
-    assert 0 <= float(small.min()) and float(small.max()) <= 1 and 0 < float(small.mean()) < 1
+    assert 0 <= float(small.min()) and float(small.max()) <= 1
+    assert abs(float(small.sum()) / 3 * 4 - heart.sum()) < 0.05 * heart.sum()
     with pytest.raises(ValueError, match="shape indices 0-2"):
         sprite_images([3])

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +33,9 @@ HOOK = "blocks.0.hook_resid_post"
 
 
 def sae_config(**kw) -> SAEConfig:
-    base = dict(d_in=32, expansion_factor=2, architecture="topk", k=4, hook_name=HOOK, b_dec_init="mean")
+    base = dict(d_in=32, expansion_factor=2, architecture="topk", hook_name=HOOK, b_dec_init="mean")
+    if kw.get("architecture", "topk") == "topk":
+        base["k"] = 4
     return SAEConfig(**{**base, **kw})
 
 
@@ -147,7 +152,7 @@ def test_wandb_logger_gets_a_histogram_and_an_image(tmp_path) -> None:
 
     density = FeatureDensityLogger(save_png=False)
     density.folder = tmp_path
-    density._chosen = torch.tensor([3, 1])
+    density._chosen = {"sae": [3, 1]}
     fake_logger = FakeWandb()
     stats = {"log10_density": torch.tensor([-10.0, -2.0, -1.0]), "dead_count": torch.tensor(1),
              "dense_count": torch.tensor(0), "alive_pct": torch.tensor(66.7)}  # fmt: skip
@@ -165,6 +170,7 @@ class FakeApi:
 
     calls: list[tuple] = []
     fail: BaseException | None = None
+    pool: ThreadPoolExecutor | None = None
 
     def __init__(self, **kwargs) -> None:
         FakeApi.calls.append(("init", kwargs, threading.current_thread().name))
@@ -174,6 +180,11 @@ class FakeApi:
         if FakeApi.fail is not None:
             raise FakeApi.fail
 
+    def run_as_future(self, fn, *args, **kwargs):  # huggingface_hub runs these on one background worker
+        if FakeApi.pool is None:
+            FakeApi.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-upload")
+        return FakeApi.pool.submit(fn, *args, **kwargs)
+
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
         folder = Path(folder_path)
         files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
@@ -182,7 +193,7 @@ class FakeApi:
 
 @pytest.fixture
 def fake_api(monkeypatch):
-    FakeApi.calls, FakeApi.fail = [], None
+    FakeApi.calls, FakeApi.fail, FakeApi.pool = [], None, None
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     return FakeApi
 
@@ -205,7 +216,8 @@ def test_uploads_the_export_with_a_model_card(tmp_path, fake_api) -> None:
     module = fit_with_uploader(tmp_path, uploader)
     assert uploader.n_checkpoints == 3  # steps 2, 4, 6 (last.ckpt at the same step is not counted twice)
     done = uploads(fake_api)
-    assert [c[4] != "MainThread" for c in done] == [True, False]  # step 4 in the background, step 6 at fit end
+    assert [c[4] != "MainThread" for c in done] == [True, True]  # step 4 during training, step 6 at fit end: both
+    # in huggingface_hub's background worker, and the final one finished before fit returned
     assert [c[3]["commit_message"].endswith(f"(step {s})") for c, s in zip(done, (4, 6), strict=True)] == [True] * 2
     assert all(c[0] != "init" or "token" not in c[1] for c in fake_api.calls)
     assert ("create_repo", "me/tiny-sae", {"private": True, "exist_ok": True, "repo_type": "model"}) in fake_api.calls
@@ -235,7 +247,7 @@ def test_failed_upload_warns_keeps_the_folder_and_retries_at_fit_end(tmp_path, f
     assert not any("hf_SECRETtoken123" in w for w in warnings) and uploader.error.endswith("(token ***)")
     create_calls = [c for c in fake_api.calls if c[0] == "create_repo"]
     inits = [c for c in fake_api.calls if c[0] == "init"]
-    assert len(create_calls) >= 2 and inits[-1][2] == "MainThread"  # the retry ran in on_fit_end
+    assert len(create_calls) >= 2 and len(inits) == 1  # one HfApi; the retry ran at the end of fit
     assert uploads(fake_api) == [] and uploader.uploaded_step is None
     assert {"cfg.json", "sae_weights.safetensors", "README.md"} <= {p.name for p in (tmp_path / "upload").iterdir()}
     assert SparseAutoencoder.load(tmp_path / "upload").d_sae == 64
@@ -257,6 +269,42 @@ def test_real_hub_client_with_the_network_unreachable(tmp_path, monkeypatch, cap
     assert SparseAutoencoder.load(tmp_path / "upload").d_sae == 64
 
 
+def test_a_server_that_never_answers_cannot_hang_training(tmp_path, monkeypatch, caplog) -> None:
+    """huggingface_hub's real client against an endpoint that accepts connections and never replies: every
+    network wait is bounded, fit ends after at most upload_timeout of waiting, and the SAE is exported."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+
+    def accept_and_hold() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_hold, daemon=True).start()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRETtoken123")
+    uploader = HubUploader("me/tiny-sae", folder=str(tmp_path / "upload"), upload_timeout=2, network_timeout=1)
+    start = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, logger="prisma_lightning.callbacks.hub_uploader"):
+            module = fit_with_uploader(tmp_path, uploader)
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+    assert time.monotonic() - start < 120 and module.trainer.state.finished
+    assert SparseAutoencoder.load(tmp_path / "sae").d_sae == 64  # the run's own export
+    assert SparseAutoencoder.load(tmp_path / "upload").d_sae == 64  # the folder to upload later is kept
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("upload" in w and ("did not finish" in w or "failed" in w) for w in warnings), warnings
+    assert uploader.uploaded_step is None and not any("hf_SECRETtoken123" in w for w in warnings)
+
+
 def test_retry_at_fit_end_succeeds_after_a_transient_failure(tmp_path, fake_api) -> None:
     fake_api.fail = OSError("temporary DNS failure")
     uploader = HubUploader("me/tiny-sae", every_n_checkpoints=3, folder=str(tmp_path / "upload"), upload_at_end=False)
@@ -269,7 +317,7 @@ def test_retry_at_fit_end_succeeds_after_a_transient_failure(tmp_path, fake_api)
     module = SAEModule(sae_config(), init_tokens=64)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
     trainer(tmp_path, max_steps=6, callbacks=[ckpt, uploader, Recover()], logger=False).fit(module, cached_loader())
-    assert [c[4] for c in uploads(fake_api)] == ["MainThread"] and uploader.error is None
+    assert len(uploads(fake_api)) == 1 and uploader.error is None  # the retry at the end of fit
     assert uploader.uploaded_step == 6
 
 
@@ -402,3 +450,21 @@ def test_vit_classifier_upload_keeps_checkpoints_curve_data_and_hyperparameters(
         model = HookedViT.from_pretrained(tmp_path / "up", subfolder=f"checkpoints/step_{step:08d}")
         for name, value in model.state_dict().items():
             assert torch.equal(value, saved[f"model.{name}"]), (step, name)
+
+
+def test_a_multi_sae_run_uploads_one_subfolder_per_sae_and_one_card(tmp_path, fake_api) -> None:
+    template = {k: v for k, v in vars(sae_config()).items() if k not in ("d_sae",)}
+    module = SAEModule(sae=template, sweep={"k": [2, 4]}, init_tokens=64, export_dir=str(tmp_path / "saes"))
+    uploader = HubUploader("me/sae-sweep", folder=str(tmp_path / "upload"))
+    trainer(tmp_path, max_steps=2, callbacks=[uploader], logger=False).fit(module, cached_loader())
+    names = sorted(module.saes)
+    assert len(names) == 2
+    files = uploads(fake_api)[-1][2]
+    for name in names:
+        assert {f"{name}/cfg.json", f"{name}/sae_weights.safetensors"} <= set(files), sorted(files)
+        loaded = SparseAutoencoder.load(tmp_path / "upload" / name)
+        assert loaded.cfg.k == module.saes[name].cfg.k
+        assert torch.equal(loaded.W_dec, module.saes[name].W_dec)
+    card = files["README.md"].decode()
+    assert all(f"`{name}`" in card or name in card for name in names)
+    assert f'subfolder="{names[0]}"' in card

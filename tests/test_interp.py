@@ -314,7 +314,8 @@ def test_attention_patterns_plot_and_html_payload() -> None:
 # ---------------------------------------------------------------------------------------------- SAEs
 def sae_for(m: HookedViT, hook: str, tokens: str = "all", arch: str = "relu", d_in: int = 32) -> SparseAutoencoder:
     torch.manual_seed(5)
-    cfg = SAEConfig(d_in=d_in, d_sae=64, architecture=arch, k=6, hook_name=hook, tokens=tokens)
+    extra = {"k": 6} if arch in ("topk", "batchtopk") else {}  # k is a field of the top-k architectures only
+    cfg = SAEConfig(d_in=d_in, d_sae=64, architecture=arch, hook_name=hook, tokens=tokens, **extra)
     sae = SparseAutoencoder(cfg)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3)
@@ -327,9 +328,9 @@ def test_splice_with_error_term_leaves_outputs_unchanged(tokens: str) -> None:
     x = inputs(m)
     sae = sae_for(m, "blocks.0.hook_resid_post", tokens)
     clean = m(x)
-    with m.saes([sae], include_error=True):
+    with splice_saes(m, [sae], include_error=True):
         exact = m(x)
-    with m.saes([sae]):
+    with splice_saes(m, [sae]):
         spliced = m(x)
     assert_close(exact, clean, atol=1e-5, rtol=1e-5)
     assert (spliced - clean).abs().max() > 1e-3
@@ -354,19 +355,19 @@ def test_splice_transcoder_per_head_sae_and_exceptions() -> None:
     tc = Transcoder(TranscoderConfig(d_in=32, d_sae=64, hook_name="blocks.1.ln2.hook_normalized",
                                      hook_name_out="blocks.1.hook_mlp_out", skip_connection=True)).eval()  # fmt: skip
     z_sae = sae_for(m, "blocks.0.attn.hook_z", arch="topk")  # hook_z [B, T, 4, 8] read as 32-wide rows
-    with m.saes([tc, z_sae], include_error=True):
+    with splice_saes(m, [tc, z_sae], include_error=True):
         assert_close(m(x), clean, atol=1e-5, rtol=1e-5)
-    with m.saes([tc]):
+    with splice_saes(m, [tc]):
         _, cache = m.run_with_cache(x, names_filter=["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"])
     expected = tc(cache["blocks.1.ln2.hook_normalized"], cache["blocks.1.hook_mlp_out"]).recon
     assert_close(cache["blocks.1.hook_mlp_out"], expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(RuntimeError, match="boom"), m.saes(z_sae):
+    with pytest.raises(RuntimeError, match="boom"), splice_saes(m, z_sae):
         raise RuntimeError("boom")
     assert not any(hp.has_hooks for hp in m.hook_points())
     with pytest.raises(ValueError, match="hook_name is empty"):
         splice_saes(m, sae_for(m, "")).__enter__()
     with pytest.raises(ValueError, match="32-wide"):
-        with m.saes(sae_for(m, "blocks.0.mlp.hook_post")):
+        with splice_saes(m, sae_for(m, "blocks.0.mlp.hook_post")):
             m(x)
 
 

@@ -84,11 +84,23 @@ def test_unknown_name_suggests_close_names() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["openai/clip-vit-base-patch32", "open-clip:laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K"]
+    ("name", "repo_id"),
+    [
+        ("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch32"),
+        ("open-clip:laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K", "laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K"),
+        ("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"),
+    ],
 )
-def test_offline_without_cache_explains_what_to_do(name: str) -> None:
-    with pytest.raises(FileNotFoundError, match=r"huggingface-cli download .*pretrained=False"):
+def test_offline_without_cache_explains_what_to_do(name: str, repo_id: str) -> None:
+    """The advice is a command that exists in the installed huggingface_hub, with the Hub repo id of the weights."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    with pytest.raises(FileNotFoundError, match=r"pretrained=False") as info:
         load_hooked_model(name, pretrained=True)
+    assert f"`hf download {repo_id}`" in str(info.value)
+    assert shutil.which("hf", path=str(Path(sys.executable).parent)) is not None  # the command installed with us
 
 
 def test_transformers_save_pretrained_folder_loads_like_in_memory(tmp_path) -> None:

@@ -56,7 +56,9 @@ def outliers(n: int, d: int = 16) -> torch.Tensor:
 
 def trained_sae(**cfg) -> tuple[SparseAutoencoder, torch.optim.Adam]:
     """A small ReLU SAE trained on subspace rows; then the DEAD features are switched off for `window` steps."""
-    base = dict(d_in=16, d_sae=32, architecture="relu", l1_coefficient=1e-3, dead_feature_window=5, b_dec_init="mean")
+    base = dict(d_in=16, d_sae=32, architecture="relu", dead_feature_window=5, b_dec_init="mean")
+    if cfg.get("architecture", "relu") == "relu":
+        base["l1_coefficient"] = 1e-3
     sae = SparseAutoencoder(SAEConfig(**{**base, **cfg}))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     data = subspace_rows(512)

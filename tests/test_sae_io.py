@@ -3,7 +3,9 @@ readable errors for broken files, sparsity files and the Hub entry point (with t
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from prisma_lightning.sae import (
     SparseAutoencoder,
     Transcoder,
     TranscoderConfig,
+    config_class,
     load_sparsity,
 )
 from prisma_lightning.sae import io as sae_io
@@ -38,27 +41,25 @@ def file_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "sae_weights.safetensors"))
 
 
+def make_config(arch: str, **kw) -> SAEConfig:
+    if "k" in {f.name for f in dataclasses.fields(config_class(arch))}:
+        kw.setdefault("k", 3)
+    return SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=arch, **kw)
+
+
+@pytest.mark.parametrize("norm", ["none", "layer_norm"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_save_load_round_trip_is_bitwise(arch: str, tmp_path: Path) -> None:
-    cfg = SAEConfig(
-        d_in=D_IN,
-        d_sae=D_SAE,
-        architecture=arch,
-        k=3,
-        hook_name="blocks.4.hook_resid_post",
-        model_name="test/vit-tiny",
-        normalize_activations="expected_norm",
+def test_save_load_round_trip_is_bitwise(arch: str, norm: str, tmp_path: Path) -> None:
+    cfg = make_config(
+        arch, hook_name="blocks.4.hook_resid_post", model_name="test/vit-tiny", normalize_activations=norm,
         context_size=50,
-    )
+    )  # fmt: skip
     sae = randomized(SparseAutoencoder(cfg))
-    sae.fit_normalization(3 * torch.randn(64, D_IN))
     sae.save(tmp_path / "sae")
     loaded = SparseAutoencoder.load(tmp_path / "sae")
-    assert type(loaded) is SparseAutoencoder and loaded.cfg == sae.cfg
-    for key, value in sae_io._file_tensors(sae).items():
-        assert torch.equal(sae_io._file_tensors(loaded)[key], value), key
-    for name in ("norm_scale_in", "norm_scale_out"):
-        assert torch.equal(getattr(loaded, name), getattr(sae, name))
+    assert type(loaded) is type(sae) and loaded.cfg == sae.cfg
+    for key, value in sae.file_tensors().items():
+        assert torch.equal(loaded.file_tensors()[key], value), key
     if arch == "jumprelu":
         torch.testing.assert_close(loaded.log_threshold, sae.log_threshold)
     # the saved file itself round-trips bitwise (save(load(f)) == f)
@@ -69,6 +70,31 @@ def test_save_load_round_trip_is_bitwise(arch: str, tmp_path: Path) -> None:
     sae.eval(), loaded.eval()
     assert torch.equal(loaded.encode(x), sae.encode(x))
     assert not list((tmp_path / "sae").glob(".*.tmp")), "atomic writes must not leave temporary files"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_expected_norm_is_folded_into_the_file_and_unfolds_for_training(arch: str, tmp_path: Path) -> None:
+    sae = randomized(SparseAutoencoder(make_config(arch, normalize_activations="expected_norm")))
+    x = 7 * torch.randn(64, D_IN) + 1
+    scale = sae.fit_normalization(x)
+    sae.save(tmp_path / "sae")
+    assert sae.cfg.normalize_activations == "expected_norm"  # saving folds a copy, not the SAE itself
+    raw = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert raw["normalize_activations"] == "none"  # what SAELens applies: nothing, the factor is in the weights
+    assert raw["prisma_lightning"]["folded_norm_scale_in"] == pytest.approx(scale)
+    loaded = SparseAutoencoder.load(tmp_path / "sae")
+    assert loaded.cfg.normalize_activations == "none" and loaded.folded_norm_scales is not None
+    sae.eval(), loaded.eval()
+    # raw weights applied to raw activations reconstruct what the trained SAE does
+    torch.testing.assert_close(loaded(x).recon, sae(x).recon, atol=1e-4, rtol=1e-5)
+    # matching pursuit keeps unit atoms (as SAELens requires), so its folded features carry the factor instead
+    expected = sae.encode(x) / scale if arch == "matching_pursuit" else sae.encode(x)
+    torch.testing.assert_close(loaded.encode(x), expected, atol=1e-4, rtol=1e-5)
+    loaded.unfold_activation_norm()  # fine-tuning: back to the training form
+    assert loaded.cfg.normalize_activations == "expected_norm" and loaded.cfg == sae.cfg
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(getattr(loaded, name), p, atol=1e-6, rtol=1e-5, msg=name)
+    assert float(loaded.norm_scale_in) == pytest.approx(float(sae.norm_scale_in))
 
 
 def test_cfg_json_speaks_saelens(tmp_path: Path) -> None:
@@ -102,10 +128,18 @@ def test_transcoder_round_trip(tmp_path: Path) -> None:
     assert file_tensors(tmp_path)["W_skip"].shape == (5, D_IN)  # SAELens' [d_out, d_in] layout
     loaded = SparseAutoencoder.load(tmp_path)
     assert isinstance(loaded, Transcoder) and loaded.cfg == cfg
+    # SAELens transcoders have no input bias: the file folds it into b_enc, b_enc - W_enc^T b_in
+    torch.testing.assert_close(loaded.b_enc, tc.b_enc - tc.W_enc.t() @ tc.b_in)
+    assert not loaded.b_in.any()
     for name, p in tc.named_parameters():
-        assert torch.equal(getattr(loaded, name), p), name
+        if name not in ("b_enc", "b_in"):
+            assert torch.equal(getattr(loaded, name), p), name
+    x = torch.randn(16, D_IN)
+    tc.eval(), loaded.eval()
+    torch.testing.assert_close(loaded.encode(x), tc.encode(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loaded.decode(loaded.encode(x), x), tc.decode(tc.encode(x), x), atol=1e-5, rtol=1e-5)
     SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=D_SAE)).save(tmp_path / "plain")
-    with pytest.raises(ValueError, match="holds a SparseAutoencoder, not a Transcoder"):
+    with pytest.raises(ValueError, match="holds a ReLUSAE, not a Transcoder"):
         Transcoder.load(tmp_path / "plain")
 
 
@@ -239,6 +273,14 @@ def test_vit_prisma_checkpoint_loads_and_encodes_the_same(tmp_path: Path, name: 
         torch.testing.assert_close(sae.encode(x), vit_prisma_encode(t, x, 3 if topk else None))
 
 
+@pytest.mark.parametrize(("field", "value"), [("activation_fn_str", "tanh-relu"), ("architecture", "crosscoder")])
+def test_vit_prisma_unknown_architecture_names_the_field(tmp_path: Path, field: str, value: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(vit_prisma_config(**{field: value})))
+    torch.save(saelens_tensors(), tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match=rf"field '{field}'='{value}' names no registered architecture.*gated"):
+        SparseAutoencoder.load(tmp_path)
+
+
 def test_vit_prisma_transcoder_maps_biases_and_skip(tmp_path: Path) -> None:
     t = saelens_tensors()
     t["W_dec"] = torch.randn(D_SAE, 6)
@@ -261,18 +303,38 @@ def test_vit_prisma_transcoder_maps_biases_and_skip(tmp_path: Path) -> None:
     torch.testing.assert_close(tc(x, torch.zeros(4, 6)).recon, expected, atol=1e-5, rtol=1e-5)
 
 
-class NotATensor:
-    """Stands in for ViT-Prisma's pickled config dataclass (or anything a malicious file could carry)."""
+class Payload:
+    """A pickled object whose reconstruction would run a command (what a malicious checkpoint carries)."""
 
-    def __init__(self) -> None:
-        self.d_in = D_IN
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
-def test_pickled_objects_are_refused(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps(vit_prisma_config()))
-    torch.save({"cfg": NotATensor(), "state_dict": saelens_tensors()}, tmp_path / "weights.pt")
-    with pytest.raises(ValueError, match=r"weights\.pt could not be read as plain tensors.*weights_only=True"):
-        SparseAutoencoder.load(tmp_path)
+@dataclasses.dataclass
+class RunnerConfig:
+    """Stands in for ViT-Prisma's pickled runner config (a class this process cannot import when loading)."""
+
+    d_in: int = D_IN
+    hook_point: str = "blocks.9.hook_resid_post"
+
+
+def test_pickled_objects_become_inert_data_and_nothing_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    (tmp_path / "config.json").write_text(json.dumps(vit_prisma_config(normalize_activations="none")))
+    t = saelens_tensors()
+    torch.save({"cfg": RunnerConfig(), "evil": Payload(marker), "state_dict": t}, tmp_path / "n_images_64.pt")
+    sae = SparseAutoencoder.load(tmp_path)
+    assert not marker.exists(), "a pickled __reduce__ was executed"
+    torch.testing.assert_close(sae.W_enc, t["W_enc"])
+    from prisma_lightning.sae.pickle_reader import Inert, read_config, read_pickle
+
+    data = read_pickle(tmp_path / "n_images_64.pt")
+    assert isinstance(data["evil"], Inert) and data["evil"].qualname == "posix.system"
+    assert read_config(tmp_path / "n_images_64.pt") == {"d_in": D_IN, "hook_point": "blocks.9.hook_resid_post"}
+    assert not marker.exists()
 
 
 def test_broken_files_raise_errors_that_name_file_and_field(tmp_path: Path) -> None:
@@ -293,7 +355,7 @@ def test_broken_files_raise_errors_that_name_file_and_field(tmp_path: Path) -> N
         SparseAutoencoder.load(tmp_path)
     raw["prisma_lightning"]["config"]["k_sparse"] = 3
     (tmp_path / "cfg.json").write_text(json.dumps(raw))
-    unknown = r"cfg\.json: field 'prisma_lightning\.config': Unknown SAEConfig fields \['k_sparse'\]"
+    unknown = r"cfg\.json: field 'prisma_lightning\.config': Unknown ReLUConfig fields 'k_sparse'"
     with pytest.raises(ValueError, match=unknown):
         SparseAutoencoder.load(tmp_path)
     del raw["prisma_lightning"], raw["d_in"]

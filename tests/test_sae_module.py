@@ -145,9 +145,9 @@ def test_online_resume_restores_the_buffer(tmp_path) -> None:
         return module
 
     module = run(6)
-    state = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
-    assert "mixing_buffer" in state and state["mixing_buffer"]["data"].shape[1] == 32
-    assert state["mixing_buffer"]["size"] == module.buffer.size
+    state = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    (buffer,) = state["mixing_buffers"].values()
+    assert buffer["data"].shape[1] == 32 and buffer["size"] == module.buffer.size
 
 
 def test_width_mismatch_fails_at_setup_naming_both(tmp_path) -> None:
@@ -172,7 +172,7 @@ def test_nan_activations_name_hook_and_step(tmp_path) -> None:
 
 
 def test_bad_module_arguments() -> None:
-    with pytest.raises(ValueError, match="lr must be positive"):
+    with pytest.raises(ValueError, match="lr=-1.0 must be a positive finite number"):
         SAEModule(sae_config(), lr=-1.0)
     with pytest.raises(ValueError, match="buffer_tokens=100 must hold at least two batches"):
         SAEModule(sae_config(), buffer_tokens=100, batch_tokens=64)
@@ -248,3 +248,32 @@ def test_custom_sae_subclass_example_runs_through_the_cli(tmp_path, monkeypatch)
     assert cli.model.sae.cfg.d_in == 64 and cli.model.sae.cfg.k == 8  # the config's other arguments still apply
     assert "train/decoder_overlap" in cli.trainer.logged_metrics
     assert (tmp_path / "sae" / "cfg.json").is_file()
+
+
+def test_module_hook_name_and_tokens_are_the_sae_config_everywhere(tmp_path) -> None:
+    """One source of truth: the module's ``hook_name`` / ``tokens`` become the SAE's config, which decides the hook
+    trained on, the rows taken, the exported cfg.json and the hook ``prisma validate`` evaluates at."""
+    hook = "blocks.1.hook_resid_post"
+    module = SAEModule(sae_config(), hook_name=hook, tokens="patches", backbone="test/vit-tiny",
+                       pretrained_backbone=False, buffer_tokens=0, batch_tokens=64, init_tokens=64)  # fmt: skip
+    assert module.sae.cfg.hook_name == hook and module.sae.cfg.tokens == "patches"
+    assert module.hook_name == hook and module.tokens == "patches"
+    seen: list[tuple[str, int]] = []
+    backbone = module.backbone
+    original = backbone.run_with_cache
+
+    def spy(images, names_filter=None, **kw):
+        out, cache = original(images, names_filter=names_filter, **kw)
+        seen.extend((name, cache[name].shape[1]) for name in cache)
+        return out, cache
+
+    backbone.run_with_cache = spy
+    trainer(tmp_path, max_steps=2, logger=False).fit(module, image_loader(n=32))
+    assert {name for name, _ in seen} == {hook}  # trained on the module's hook, not the template's
+    assert int(module.tokens_seen) == 2 * 64
+    exported = SparseAutoencoder.load(tmp_path / "sae")
+    assert exported.cfg.hook_name == hook and exported.cfg.tokens == "patches"
+    validated = SAEModule(str(tmp_path / "sae"), backbone="test/vit-tiny", pretrained_backbone=False)
+    assert validated.hook_name == hook and validated.tokens == "patches"  # what validate splices at
+    with pytest.raises(ValueError, match="blocks.0.hook_resid_post"):
+        SAEModule(str(tmp_path / "sae"), hook_name=HOOK)  # a trained SAE is never silently re-pointed

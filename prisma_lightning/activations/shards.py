@@ -73,6 +73,8 @@ class ShardWriter:
             "dtype": self.dtype,
             "d": self.d,
             "tokens_per_image": self.tokens_per_image,
+            "shuffle": self.shuffle,
+            "shuffle_seed": self.seed if self.shuffle else None,
             **self.meta,
             "shards": [],
             "n_images": 0,

@@ -110,11 +110,38 @@ class Attention(nn.Module):
         """Whether the attention pattern must be materialised (a hook reads or edits it)."""
         return self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks
 
-    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """``out_scale`` is the block's layer scale, applied here so ``hook_result`` includes it."""
+    def project_qkv(
+        self, x: torch.Tensor, per_head: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values ``[B, T, h, dh]`` of the normalised residual ``x [B, T, d]``.
+
+        ``per_head`` gives each projection its own per-head input ``[B, T, h, d]`` instead (head ``i`` of the
+        query reads ``per_head[0][:, :, i]``): the split-input mode of ``use_split_qkv_input`` / ``use_attn_in``.
+        """
         B, T, _ = x.shape
-        qkv = F.linear(x, self.qkv.weight, self.qkv_bias()).view(B, T, 3, self.n_heads, self.d_head)
-        q, k, v = qkv.unbind(2)
+        bias = self.qkv_bias()
+        if per_head is None:
+            qkv = F.linear(x, self.qkv.weight, bias).view(B, T, 3, self.n_heads, self.d_head)
+            q, k, v = qkv.unbind(2)
+            return q, k, v
+        weight = self.qkv.weight.view(3, self.n_heads, self.d_head, -1)  # [3, h, dh, d]
+        bias = bias.view(3, self.n_heads, self.d_head) if bias is not None else None
+        out = []
+        for i, inp in enumerate(per_head):
+            y = torch.einsum("bthd,hed->bthe", inp, weight[i])  # [B, T, h, dh]
+            out.append(y + bias[i] if bias is not None else y)
+        return out[0], out[1], out[2]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        out_scale: torch.Tensor | None = None,
+        per_head: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``x [B, T, d]`` -> ``[B, T, d]``. ``out_scale`` is the block's layer scale, applied here so
+        ``hook_result`` includes it; ``per_head`` are per-head q/k/v inputs (see :meth:`project_qkv`)."""
+        B, T, _ = x.shape
+        q, k, v = self.project_qkv(x, per_head)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, T, dh]
         if self.explicit:
@@ -149,31 +176,82 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: ``resid_mid = resid_pre + attn(ln1)``, ``resid_post = resid_mid + mlp(ln2)``."""
+    """Pre-LN transformer block: ``resid_mid = resid_pre + attn(ln1)``, ``resid_post = resid_mid + mlp(ln2)``.
+
+    Optional input hooks (TransformerLens / ViT-Prisma names, off by default):
+
+    * ``hook_attn_in [B, T, h, d]`` (``use_attn_in``): one copy of ``hook_resid_pre`` per head, before ``ln1``.
+    * ``hook_q_input``, ``hook_k_input``, ``hook_v_input [B, T, h, d]`` (``use_split_qkv_input``): one such copy
+      per head for each projection (copies of ``hook_attn_in`` when both are on).
+    * ``hook_mlp_in [B, T, d]`` (``use_hook_mlp_in``): a copy of ``hook_resid_mid`` that ``ln2`` reads.
+
+    With per-head copies, head ``i``'s projection reads ``ln1.hook_normalized`` plus the change an edit of its own
+    copy makes after ``ln1`` (``ln1(copy_i) - ln1(hook_resid_pre)``, computed with ln1's weights). Unedited, that
+    change is zero and the block computes what it computes without the copies; an edit of one head's copy reaches
+    only that head (path patching), and an edit of ``ln1.hook_normalized`` still reaches every head.
+    """
 
     def __init__(self, cfg: HookedViTConfig):
         super().__init__()
         self.attn_only = cfg.attn_only
+        self.n_heads = cfg.n_heads
         self.ln1 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
         self.attn = Attention(cfg)
         self.ls1 = LayerScale(cfg.d_model, cfg.layer_scale_init) if cfg.layer_scale_init is not None else None
+        self.hook_attn_in = HookPoint() if cfg.use_attn_in else None  # [B, T, h, d]
+        self.split_qkv_input = cfg.use_split_qkv_input
+        if cfg.use_split_qkv_input:
+            self.hook_q_input = HookPoint()  # [B, T, h, d]
+            self.hook_k_input = HookPoint()  # [B, T, h, d]
+            self.hook_v_input = HookPoint()  # [B, T, h, d]
         if not cfg.attn_only:
             self.ln2 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
             self.mlp = MLP(cfg)
             self.ls2 = LayerScale(cfg.d_model, cfg.layer_scale_init) if cfg.layer_scale_init is not None else None
             self.hook_resid_mid = HookPoint()  # [B, T, d]
+            self.hook_mlp_in = HookPoint() if cfg.use_hook_mlp_in else None  # [B, T, d]
             self.hook_mlp_out = HookPoint()  # [B, T, d]
         self.hook_resid_pre = HookPoint()  # [B, T, d]
         self.hook_attn_out = HookPoint()  # [B, T, d]
         self.hook_resid_post = HookPoint()  # [B, T, d]
 
+    def per_head_inputs(
+        self, resid_pre: torch.Tensor, normed: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Normalised per-head q/k/v inputs ``[B, T, h, d]`` (None without ``use_attn_in`` / ``use_split_qkv_input``).
+
+        ``normed`` is ln1's output ``[B, T, d]``; see the class docstring for how edits of the copies combine.
+        """
+        if self.hook_attn_in is None and not self.split_qkv_input:
+            return None
+        B, T, d = resid_pre.shape
+        copies = resid_pre.unsqueeze(2).expand(B, T, self.n_heads, d)
+        if self.hook_attn_in is not None:
+            copies = self.hook_attn_in(copies.clone())
+        if self.split_qkv_input:
+            inputs = (
+                self.hook_q_input(copies.clone()),
+                self.hook_k_input(copies.clone()),
+                self.hook_v_input(copies.clone()),
+            )
+        else:
+            inputs = (copies, copies, copies)
+        ln = self.ln1
+        unedited = F.layer_norm(resid_pre, (d,), ln.weight, ln.bias, ln.eps).unsqueeze(2)  # [B, T, 1, d]
+        base = normed.unsqueeze(2)
+        q, k, v = (base + (F.layer_norm(x, (d,), ln.weight, ln.bias, ln.eps) - unedited) for x in inputs)
+        return q, k, v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         resid_pre = self.hook_resid_pre(x)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), None if self.ls1 is None else self.ls1.gamma))
+        normed = self.ln1(resid_pre)
+        per_head = self.per_head_inputs(resid_pre, normed)
+        attn_out = self.hook_attn_out(self.attn(normed, None if self.ls1 is None else self.ls1.gamma, per_head))
         if self.attn_only:
             return self.hook_resid_post(resid_pre + attn_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
-        mlp_out = self.mlp(self.ln2(resid_mid))
+        mlp_in = resid_mid if self.hook_mlp_in is None else self.hook_mlp_in(resid_mid.clone())
+        mlp_out = self.mlp(self.ln2(mlp_in))
         if self.ls2 is not None:
             mlp_out = self.ls2(mlp_out)
         mlp_out = self.hook_mlp_out(mlp_out)

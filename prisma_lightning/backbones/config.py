@@ -110,6 +110,18 @@ class HookedViTConfig:
     """Activation after the head (Hugging Face ViT's pooler uses tanh)."""
     use_attn_result: bool = False
     """Compute per-head outputs ``attn.hook_result [B,T,h,d]`` (costs memory; off by default)."""
+    use_attn_in: bool = False
+    """Add ``blocks.{i}.hook_attn_in [B,T,h,d]``: one copy of ``hook_resid_pre`` per head, before ``ln1`` (ViT-Prisma
+    and TransformerLens name). Head ``i``'s queries, keys and values read copy ``i``, so editing it changes that head
+    only. Costs ``h`` times the memory of the residual stream; off by default."""
+    use_split_qkv_input: bool = False
+    """Add ``blocks.{i}.hook_q_input``, ``hook_k_input``, ``hook_v_input [B,T,h,d]``: per-head copies of
+    ``hook_resid_pre`` (of ``hook_attn_in`` with ``use_attn_in``) before ``ln1``, one for each projection, so a
+    head's query, key or value input can be edited on its own. Costs ``3 h`` times the memory of the residual
+    stream; off by default."""
+    use_hook_mlp_in: bool = False
+    """Add ``blocks.{i}.hook_mlp_in [B,T,d]``: a copy of ``hook_resid_mid`` that ``ln2`` reads, so the MLP's input
+    can be edited without changing the residual stream. Needs MLP blocks (``attn_only=False``); off by default."""
     model_name: str = ""
     """Name of the source model (provenance only)."""
     preprocess: dict[str, Any] | None = None
@@ -168,6 +180,8 @@ class HookedViTConfig:
             raise ValueError(f"A classifier head needs n_classes > 0, got {self.n_classes}; or set head='none'.")
         if self.head == "projection" and self.projection_dim <= 0:
             raise ValueError(f"A projection head needs projection_dim > 0, got {self.projection_dim}.")
+        if self.use_hook_mlp_in and self.attn_only:
+            raise ValueError("use_hook_mlp_in adds a hook on the MLP's input, but attn_only=True blocks have no MLP.")
         if self.fc_norm and self.pool == "none":
             raise ValueError("fc_norm normalises the pooled vector, so it needs pool='cls' or 'mean'.")
 

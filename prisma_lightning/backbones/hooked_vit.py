@@ -1,6 +1,9 @@
 """`HookedViT`: a vision transformer whose every intermediate activation is a named HookPoint.
 
-Token order: class token (if any), register tokens (if any), then patches in row-major order.
+Token order: class token (if any), register tokens (if any), then patches in row-major order. HookedViT satisfies
+:class:`~prisma_lightning.backbones.protocol.HookedBackbone`, the interface SAE training, evaluation and the
+interpretability tools use. ViT-Prisma's names are aliases of ours (:data:`VIT_PRISMA_ALIASES`), accepted wherever
+a hook name is, so ViT-Prisma SAE configs work unchanged.
 """
 
 from __future__ import annotations
@@ -19,9 +22,18 @@ from prisma_lightning.backbones.config import HookedViTConfig
 from prisma_lightning.backbones.factored_matrix import FactoredMatrix
 from prisma_lightning.backbones.transforms import PreprocessConfig, build_transform
 from prisma_lightning.hooks import HookedModule, HookPoint
+from prisma_lightning.hooks.protocol import ResidComponent, ResidNorm
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+VIT_PRISMA_ALIASES = {
+    "hook_ln_pre": "ln_pre.hook_normalized",
+    "hook_ln_final": "ln_final.hook_normalized",
+    "hook_post_head_pre_normalize": "hook_head_out",
+}
+"""ViT-Prisma hook name -> ours: ``ln_pre``'s output, ``ln_final``'s output, and the head output (on a model without
+a head, the pooled vector ``hook_pooled``: ViT-Prisma's pre-logits output). An alias exists when its hook does."""
 
 
 def resample_pos_grid(
@@ -52,6 +64,10 @@ class HookedViT(HookedModule):
     ``forward(images [B, C, H, W])`` returns the head output (logits or projected embedding), the pooled
     vector when there is no head, or all tokens with ``pool='none'``. ``stop_at_layer=L`` returns the
     residual stream after ``blocks[:L]``.
+
+    ViT-Prisma's ``hook_ln_pre``, ``hook_ln_final`` and ``hook_post_head_pre_normalize`` are aliases (``hook_aliases``);
+    its optional input hooks ``blocks.{i}.hook_attn_in``, ``hook_q_input`` / ``hook_k_input`` / ``hook_v_input`` and
+    ``hook_mlp_in`` exist with ``cfg.use_attn_in``, ``cfg.use_split_qkv_input`` and ``cfg.use_hook_mlp_in``.
     """
 
     def __init__(self, cfg: HookedViTConfig | dict[str, Any]):
@@ -90,7 +106,14 @@ class HookedViT(HookedModule):
         self.hook_pooled = HookPoint()  # [B, d] (the head's input; [B, T, d] with pool='none')
         self.hook_head_out = HookPoint()  # [B, d_out]
         self.init_weights()
-        self.setup_hooks()
+        self.setup_hooks(aliases=self._vit_prisma_aliases())
+
+    def _vit_prisma_aliases(self) -> dict[str, str]:
+        aliases = dict(VIT_PRISMA_ALIASES)
+        if self.head is None:
+            aliases["hook_post_head_pre_normalize"] = "hook_pooled"
+        present = {n for n, m in self.named_modules() if isinstance(m, HookPoint)}
+        return {alias: target for alias, target in aliases.items() if target in present}
 
     # ------------------------------------------------------------------ init
     def init_weights(self) -> None:
@@ -216,6 +239,28 @@ class HookedViT(HookedModule):
             x = torch.tanh(x)
         return self.hook_head_out(x)
 
+    def forward_head_tokens(self, resid: torch.Tensor) -> torch.Tensor:
+        """Residual vectors ``[..., d_model]`` -> ``[..., d_out]``, each read as if it were the pooled vector.
+
+        Applies ``ln_final`` (weight and bias), the attention pool with all its attention on the single token
+        (``pool='attn'``; a softmax over one key is 1, so its value, output projection and MLP remain), ``fc_norm``
+        and the head (with its tanh). Class-token and mean pooling are skipped: with ``pool='cls'`` the class
+        token's reading at the last layer is the model output.
+        """
+        x = resid
+        if self.ln_final is not None:
+            x = self.ln_final(x)
+        if self.attn_pool is not None:
+            lead = x.shape[:-1]
+            x = self.attn_pool(x.reshape(-1, 1, x.shape[-1]))  # [N, d_pool]
+            x = x.reshape(*lead, x.shape[-1])
+        if self.fc_norm is not None:
+            x = self.fc_norm(x)
+        if self.head is None:
+            return x
+        x = self.head(x)
+        return torch.tanh(x) if self.cfg.head_act == "tanh" else x
+
     def forward(
         self,
         images: torch.Tensor,
@@ -236,6 +281,7 @@ class HookedViT(HookedModule):
     # ------------------------------------------------------------------ hook helpers
     def stop_layer_for(self, hook_name: str) -> int | None:
         """The smallest ``stop_at_layer`` that still runs ``hook_name`` (None: it comes after the blocks)."""
+        hook_name = self.canonical_hook_name(hook_name)
         parts = hook_name.split(".")
         if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit():
             return int(parts[1]) + 1
@@ -265,14 +311,61 @@ class HookedViT(HookedModule):
         )
         return int(cache[hook_name].shape[-1])
 
-    def saes(self, saes: Any, include_error: bool = False) -> Any:
-        """Context manager splicing SAEs (or transcoders) into the forward pass: ``with model.saes([sae]): ...``.
+    # ------------------------------------------------------------------ residual stream (ResidualStreamModel)
+    def _check_layer(self, layer: int, mlp_input: bool) -> None:
+        n = self.cfg.n_layers
+        if not 0 <= layer <= n:
+            raise ValueError(f"layer must be in [0, {n}] (n_layers={n}), got {layer}.")
+        if mlp_input and layer == n:
+            raise ValueError(f"There is no MLP input after the last block (layer={n}); pass a block index below {n}.")
+        if mlp_input and self.cfg.attn_only:
+            raise ValueError("This model is attention-only (cfg.attn_only=True): its blocks have no MLP input.")
 
-        See :func:`prisma_lightning.interp.splice_saes`; ``include_error=True`` keeps outputs unchanged.
-        """
-        from prisma_lightning.interp.sae_tools import splice_saes
+    def resid_hook_name(self, layer: int, mlp_input: bool = False) -> str:
+        """Hook holding the residual stream entering block ``layer`` (``n_layers``: after the last block), or
+        entering its MLP (``hook_resid_mid``) with ``mlp_input``."""
+        self._check_layer(layer, mlp_input)
+        if mlp_input:
+            return f"blocks.{layer}.hook_resid_mid"
+        if layer == self.cfg.n_layers:
+            return f"blocks.{layer - 1}.hook_resid_post"
+        return f"blocks.{layer}.hook_resid_pre"
 
-        return splice_saes(self, saes, include_error=include_error)
+    def resid_components(self, layer: int, mlp_input: bool = False) -> list[ResidComponent]:
+        """``embed`` (the residual entering block 0, after ``ln_pre`` where there is one), then ``{i}_attn_out`` and
+        ``{i}_mlp_out`` of every block before ``layer`` (plus block ``layer``'s attention with ``mlp_input``)."""
+        self._check_layer(layer, mlp_input)
+        parts = [ResidComponent("embed", "blocks.0.hook_resid_pre", "embed")]
+        for i in range(layer + (1 if mlp_input else 0)):
+            parts.append(ResidComponent(f"{i}_attn_out", f"blocks.{i}.hook_attn_out", "attn"))
+            if not self.cfg.attn_only and i < layer:
+                parts.append(ResidComponent(f"{i}_mlp_out", f"blocks.{i}.hook_mlp_out", "mlp"))
+        return parts
+
+    def resid_norm(self, layer: int, mlp_input: bool = False) -> ResidNorm | None:
+        """``ln_final`` at ``n_layers`` (None without one, e.g. ``fc_norm`` after pooling), else the block's ``ln1``
+        (``ln2`` with ``mlp_input``)."""
+        self._check_layer(layer, mlp_input)
+        if layer == self.cfg.n_layers:
+            ln, name = self.ln_final, "ln_final"
+            if ln is None:
+                return None
+        else:
+            sub = "ln2" if mlp_input else "ln1"
+            ln, name = getattr(self.blocks[layer], sub), f"blocks.{layer}.{sub}"
+        return ResidNorm(ln.weight, ln.bias, ln.eps, f"{name}.hook_scale")
+
+    def head_results(self, layer: int, cache: Any) -> torch.Tensor:
+        """Per-head writes ``[(B,) T, h, d]`` of block ``layer``: ``attn.hook_result`` when cached, else ``attn.hook_z``
+        times the head's ``W_O`` (layer scale included, so with ``b_O`` they sum to ``hook_attn_out``)."""
+        if not 0 <= layer < self.cfg.n_layers:
+            raise ValueError(f"layer must be a block index in [0, {self.cfg.n_layers}), got {layer}.")
+        name = f"blocks.{layer}.attn.hook_result"
+        if name in cache:
+            return cache[name]
+        z = cache[f"blocks.{layer}.attn.hook_z"]  # [(B,) T, h, dh]
+        w_o = self._w_o(self.blocks[layer]).to(z.device, z.dtype)  # [h, dh, d]
+        return torch.einsum("...thd,hdm->...thm", z, w_o)
 
     # ------------------------------------------------------------------ weight views (circuit analysis)
     def _stack(self, fn) -> torch.Tensor:
@@ -325,13 +418,12 @@ class HookedViT(HookedModule):
     @property
     def W_O(self) -> torch.Tensor:
         """``[n_layers, h, d_head, d_model]``, layer scale included (so results sum to ``hook_attn_out``)."""
-        h, dh = self.cfg.n_heads, self.cfg.d_head
+        return self._stack(self._w_o)
 
-        def w_o(b: Block) -> torch.Tensor:
-            w = b.attn.out.weight.T * self._gamma(b.ls1, b.attn.out.weight.T)
-            return w.reshape(h, dh, -1)
-
-        return self._stack(w_o)
+    def _w_o(self, block: Block) -> torch.Tensor:
+        """One block's ``W_O [h, d_head, d_model]`` with its layer scale."""
+        w = block.attn.out.weight.T * self._gamma(block.ls1, block.attn.out.weight.T)
+        return w.reshape(self.cfg.n_heads, self.cfg.d_head, -1)
 
     @property
     def b_O(self) -> torch.Tensor:

@@ -169,7 +169,7 @@ def _offline_error(name: str, err: Exception) -> FileNotFoundError:
     return FileNotFoundError(
         f"Could not fetch the weights of {name!r}: {err}. Without network (or with HF_HUB_OFFLINE=1) the files "
         f"must already be in the Hugging Face cache: download them where there is network "
-        f"(`huggingface-cli download {name.removeprefix('open-clip:').removeprefix('timm/')}`) and copy the cache, "
+        f"(`hf download {name.removeprefix('open-clip:')}`) and copy the cache, "
         "pass a local folder written by the source library's save_pretrained, or use pretrained=False for "
         "random weights."
     )

@@ -5,16 +5,16 @@ Every ``every_n_steps`` SAE steps, features that have not fired for ``window`` s
 1. Firing is read from the SAE's own ``steps_since_fired`` buffer, which every training-mode forward updates (reset
    to 0 when a feature fires in the batch, +1 otherwise). That costs nothing extra and counts exactly the batches the
    SAE was trained on. A feature is dead when ``steps_since_fired >= window``.
-2. A pool of ``n_samples`` recent training rows is collected from the batches that follow the due step (re-using
-   ``pl_module.activations(batch)``, so online mode runs the backbone once more on those batches only).
+2. A pool of ``n_samples`` training rows per hook group is collected from the SAE steps that follow the due step
+   (the rows those steps trained on: nothing is recomputed).
 3. Each row's squared reconstruction error ``||y - y_hat||^2`` (normalised space) is computed; rows are drawn with
    probability proportional to the *square* of that loss (Anthropic's recipe), one per dead feature.
 4. Decoder row := the drawn row minus ``b_dec``, unit-normalised (normalised input space). Encoder row := the same
    direction (for transcoders: the input row minus the input bias) scaled to ``scale`` x the mean encoder norm of
-   the alive features. Encoder bias (gated: ``b_gate``, ``b_mag``, ``r_mag``) := 0; JumpReLU thresholds go back
-   to their initial value.
-5. Adam's ``exp_avg`` / ``exp_avg_sq`` are zeroed for exactly the touched entries of every touched parameter, and
-   ``steps_since_fired`` of those features is reset.
+   the alive features. The architecture writes them (``SparseAutoencoder.resample_features``): per-feature biases
+   := 0, per-feature state such as JumpReLU thresholds back to its initial value.
+5. Adam's ``exp_avg`` / ``exp_avg_sq`` are zeroed for exactly the touched entries of every per-feature parameter
+   (the architecture's ``feature_parameters``: name -> feature axis), and ``steps_since_fired`` is reset.
 
 DDP: ``steps_since_fired`` is local to each rank (ranks see different rows), so the dead mask is all-reduced: a
 feature is dead only when it is dead on every rank (the sum over ranks of "fired within the window" is 0). The rows
@@ -24,7 +24,6 @@ are drawn on rank 0 and broadcast, so every rank writes bit-identical parameters
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -32,9 +31,6 @@ import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
-
-FEATURE_AXIS = {"W_enc": 1, "W_dec": 0, "b_enc": 0, "b_gate": 0, "r_mag": 0, "b_mag": 0, "log_threshold": 0}
-"""Per-feature SAE parameters and the axis that indexes features (``W_enc`` is ``[d_in, d_sae]``)."""
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -77,7 +73,7 @@ class DeadFeatureResampler(pl.Callback):
         self.last_step = 0
         """Step of the last resampling (checkpointed: a resumed run does not resample the same period twice)."""
         self.total_resampled = 0
-        self._pool: list[Tensor] = []
+        self._pools: dict[str, list[Tensor]] = {}
         self._pool_rows = 0
 
     # ------------------------------------------------------------------ schedule
@@ -110,23 +106,38 @@ class DeadFeatureResampler(pl.Callback):
         ready = trainer.strategy.broadcast(self._pool_rows >= self.n_samples, src=0)
         if not ready:
             return
-        pool = torch.cat(self._pool) if self._pool else None
-        self._pool, self._pool_rows = [], 0
-        n = self.resample(trainer, pl_module, pool)
+        pools = {key: torch.cat(parts) for key, parts in self._pools.items()} if self._pools else {}
+        self._pools, self._pool_rows = {}, 0
+        counts = {}
+        for name in _names(pl_module):
+            with _stepping(pl_module, name):
+                key = pl_module.group_of(name).key if hasattr(pl_module, "group_of") else "*"
+                counts[name] = self.resample(trainer, pl_module, pools.get(key))
+        n = sum(counts.values())
         self.last_step = step
         self.total_resampled += n
-        pl_module.log("resampler/n_resampled", float(n), on_step=True, on_epoch=False, rank_zero_only=True)
+        single = len(counts) == 1
+        for name, count in counts.items():
+            prefix = "resampler/" if single else f"resampler/{name}/"
+            pl_module.log(prefix + "n_resampled", float(count), on_step=True, on_epoch=False, rank_zero_only=True)
         pl_module.log("resampler/total_resampled", float(self.total_resampled), on_step=True, on_epoch=False,
                       rank_zero_only=True)  # fmt: skip
         if trainer.is_global_zero and n:
             log.info("Step %d: resampled %d dead features (%d in total).", step, n, self.total_resampled)
 
     def _collect(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Keep this batch's training rows of every hook group (the SAE step's rows), up to ``n_samples``."""
         with torch.no_grad():
-            rows = pl_module.activations(batch) if hasattr(pl_module, "activations") else batch
-        rows = rows.detach()[: self.n_samples - self._pool_rows]  # hold no more than the pool needs
-        self._pool.append(rows)
-        self._pool_rows += rows.shape[0]
+            if isinstance(batch, dict) and hasattr(pl_module, "groups") and set(batch) <= set(pl_module.groups):
+                rows = batch  # online: the SAE step's rows per group
+            elif hasattr(pl_module, "rows_from_batch") and not getattr(pl_module, "online", False):
+                rows = pl_module.rows_from_batch(batch)
+            else:
+                rows = {"*": batch}
+        take = self.n_samples - self._pool_rows
+        for key, r in rows.items():
+            self._pools.setdefault(key, []).append(r.detach()[:take])
+        self._pool_rows += min(take, min(r.shape[0] for r in rows.values()))
 
     # ------------------------------------------------------------------ resampling
     def dead_mask(self, trainer: pl.Trainer, sae: Any) -> Tensor:
@@ -197,19 +208,14 @@ class DeadFeatureResampler(pl.Callback):
         return _unit(dec), _unit(enc)
 
     def apply(self, sae: Any, dead: Tensor, dec_dirs: Tensor, enc_dirs: Tensor, optimizers: list[Any]) -> None:
-        """Write the new rows of features ``dead`` and reset their Adam moments and firing counters."""
-        alive = torch.ones(sae.d_sae, dtype=torch.bool, device=dead.device)
-        alive[dead] = False
-        enc_norms = sae.W_enc.norm(dim=0)
-        mean_norm = float(enc_norms[alive].mean()) if bool(alive.any()) else 1.0
-        sae.W_dec[dead] = dec_dirs
-        sae.W_enc[:, dead] = (enc_dirs * (self.scale * mean_norm)).t()
-        for name in ("b_enc", "b_gate", "r_mag", "b_mag"):
-            if hasattr(sae, name):
-                getattr(sae, name)[dead] = 0
-        if hasattr(sae, "log_threshold"):
-            sae.log_threshold[dead] = math.log(sae.cfg.jumprelu_init_threshold)
-        params = {id(getattr(sae, name)): FEATURE_AXIS[name] for name in FEATURE_AXIS if hasattr(sae, name)}
+        """Write the new rows of features ``dead`` (the architecture's ``resample_features``) and reset their Adam
+        moments along each per-feature parameter's feature axis (the architecture's ``feature_parameters``)."""
+        sae.resample_features(dead, dec_dirs, enc_dirs, self.scale)
+        params = {
+            id(getattr(sae, name)): axis
+            for name, axis in sae.feature_parameters.items()
+            if isinstance(getattr(sae, name, None), torch.nn.Parameter)
+        }
         for optimizer in optimizers:
             for param, state in optimizer.state.items():
                 axis = params.get(id(param))
@@ -219,7 +225,19 @@ class DeadFeatureResampler(pl.Callback):
                 for key in ADAM_MOMENTS:
                     if key in state and state[key].shape == param.shape:
                         state[key][index] = 0
-        sae.steps_since_fired[dead] = 0
+
+
+def _names(pl_module: Any) -> list[str]:
+    saes = getattr(pl_module, "saes", None)
+    return list(saes) if saes is not None else ["sae"]
+
+
+def _stepping(pl_module: Any, name: str) -> Any:
+    import contextlib
+
+    stepping = getattr(pl_module, "stepping", None)
+    return stepping(name) if callable(stepping) and getattr(pl_module, "saes", None) is not None else (
+        contextlib.nullcontext())  # fmt: skip
 
 
 def _unit(rows: Tensor) -> Tensor:

@@ -2,6 +2,8 @@
 
 Every DataModule yields ``(images, labels)`` batches (images ``[B, C, H, W]``, video clips ``[B, T, C, H, W]``),
 splits deterministically from ``seed``, and takes a ``transform`` callable (e.g. a backbone's ``preprocess()``).
+Train loaders are stateful: a run resumed from a mid-epoch checkpoint sees exactly the batches of an
+uninterrupted one.
 Names are imported lazily, so importing this package does not import PyAV or PIL.
 """
 
@@ -13,6 +15,11 @@ from typing import Any
 _EXPORTS = {
     "ActivationDataModule": "activations",
     "PrismaDataModule": "base",
+    "GlobalBatchSampler": "base",
+    "ResumableDataLoader": "base",
+    "SampleKey": "base",
+    "SeededSamples": "base",
+    "seeded_rngs": "base",
     "FileDataset": "base",
     "UnreadableFileError": "base",
     "DSpritesDataModule": "dsprites",

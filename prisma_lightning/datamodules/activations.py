@@ -1,14 +1,23 @@
 """`ActivationDataModule`: shuffled batches of cached activations, memory-mapped, DDP-sharded, resumable.
 
-A batch is a contiguous block of ``batch_size`` rows of one shard (rows were shuffled across images when the
-shard was written), so reads are sequential; the order of blocks is a fresh seeded permutation every epoch.
-``batch_size`` is global: under DDP every rank reads its own equal slice of each block. The DataLoader is
-stateful: Lightning stores its position in checkpoints, so a run resumed from ``last.ckpt`` continues with
-exactly the next batch.
+The rows of a hook folder are read as one sequence over its shards (rows were shuffled across images when each
+shard was written). A batch is a contiguous block of ``batch_size`` rows of that sequence -- a block may span two
+shards, and the last block holds the remainder, so **every row is used every epoch** -- and the order of the blocks
+is a fresh seeded permutation every epoch, so reads stay sequential. ``batch_size`` is global: under DDP every rank
+reads its own equal slice of each block.
+
+Several hooks of one caching run (``hooks=[...]``, ``path`` = the cache root) are read in lockstep: the same blocks of
+the same images in the same order, yielded as ``{hook: rows}`` -- what a multi-SAE run over several hooks needs. The
+folders must hold the same row layout (the same shards, written by one ``prisma predict``), which is checked.
+``path_out`` is the two-hook case of transcoders and yields ``(x, y)`` pairs.
+
+The DataLoader is stateful: Lightning stores its position in checkpoints, so a run resumed from ``last.ckpt``
+continues with exactly the next batch.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +26,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from prisma_lightning.activations.shards import ActivationShards
+from prisma_lightning.activations.shards import ActivationShards, hook_folder
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -28,18 +37,46 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+class RowSequence:
+    """The rows of a shard folder as one sequence: ``read(start, stop)`` reads across shard boundaries."""
+
+    def __init__(self, shards: ActivationShards) -> None:
+        self.shards = shards
+        self.ends: list[int] = []
+        total = 0
+        for info in shards.shards:
+            total += int(info["rows"])
+            self.ends.append(total)
+
+    @property
+    def n_rows(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        parts = []
+        i = bisect.bisect_right(self.ends, start)
+        while start < stop:
+            first = self.ends[i - 1] if i else 0
+            end = min(stop, self.ends[i])
+            parts.append(self.shards.read(i, start - first, end - first))
+            start, i = end, i + 1
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class ActivationBlocks(IterableDataset):
     """Yields blocks of one split in a per-epoch seeded order; under DDP each rank gets its slice of every block.
 
-    ``batch_size`` is the global batch: with ``W`` processes each rank reads rows ``[r*B/W, (r+1)*B/W)`` of the
-    same block, so a DDP run sees exactly the batches of a one-process run with the same ``batch_size``.
+    ``blocks`` are ``(start, stop)`` global row ranges. ``batch_size`` is the global batch: with ``W`` processes each
+    rank reads an equal ``1/W`` of each block, so a DDP run sees exactly the batches of a one-process run.
     """
 
     def __init__(
-        self, shards: ActivationShards, blocks: list[tuple[int, int, int]], shuffle: bool, seed: int, dtype: str
-    ) -> None:
-        self.shards, self.blocks, self.shuffle, self.seed = shards, blocks, shuffle, seed
+        self, sequences: dict[str, RowSequence], blocks: list[tuple[int, int]], shuffle: bool, seed: int, dtype: str,
+        output: str = "tensor",
+    ) -> None:  # fmt: skip
+        self.sequences, self.blocks, self.shuffle, self.seed = sequences, blocks, shuffle, seed
         self.dtype = _DTYPES[dtype]
+        self.output = output  # "tensor" (one hook), "pair" (x, y) or "dict" ({hook: rows})
         self.epoch = 0
         self.skip = 0  # batches of this rank already consumed in this epoch (resume)
 
@@ -66,13 +103,18 @@ class ActivationBlocks(IterableDataset):
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def read_block(self, shards: ActivationShards, i: int) -> torch.Tensor:
-        shard, start, stop = self.blocks[i]
-        return shards.read(shard, *self.rank_rows(start, stop)).to(self.dtype)
+    def read_block(self, i: int) -> Any:
+        start, stop = self.rank_rows(*self.blocks[i])
+        rows = {h: seq.read(start, stop).to(self.dtype) for h, seq in self.sequences.items()}
+        if self.output == "tensor":
+            return next(iter(rows.values()))
+        if self.output == "pair":
+            return tuple(rows.values())
+        return rows
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[Any]:
         for i in self.epoch_order():
-            yield self.read_block(self.shards, i)
+            yield self.read_block(i)
 
 
 class ResumableLoader(DataLoader):
@@ -89,7 +131,7 @@ class ResumableLoader(DataLoader):
         self._epoch, self._consumed, self._next_epoch = 0, 0, 0
         self._resume: tuple[int, int] | None = None
 
-    def __iter__(self) -> Iterator[torch.Tensor]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         if self._resume is not None:
             epoch, skip = self._resume
             self._resume = None
@@ -117,14 +159,15 @@ class ActivationDataModule(pl.LightningDataModule):
     """Batches of cached activations for ``SAEModule`` / ``TranscoderModule`` in cached mode.
 
     Args:
-        path: a hook folder with ``index.json`` (``<cache root>/<hook_name>``).
+        path: a hook folder with ``index.json`` (``<cache root>/<hook_name>``); with ``hooks``, the cache root.
         batch_size: rows (tokens) per global batch (split evenly over DDP processes).
-        val_fraction: fraction of blocks held out for validation (the last ones, never shuffled in).
-        shuffle: shuffle block order every epoch (training split).
+        val_fraction: fraction of the rows held out for validation (the last blocks, never shuffled in).
+        shuffle: shuffle the block order every epoch (training split).
         seed: base seed of the block order.
         num_workers: DataLoader worker processes.
         dtype: dtype of the yielded batches (shards may be stored in float16).
-        path_out: for transcoders, the folder of the output hook (same images, same order).
+        path_out: for transcoders, the folder of the output hook (same images, same order): batches are ``(x, y)``.
+        hooks: several hooks of one cache (``<path>/<hook>`` each), read in lockstep: batches are ``{hook: rows}``.
     """
 
     def __init__(
@@ -137,61 +180,91 @@ class ActivationDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         dtype: str = "float32",
         path_out: str | None = None,
+        hooks: list[str] | None = None,
     ) -> None:
         super().__init__()
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive number of rows, got {batch_size!r}.")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
-        self.path, self.path_out = path, path_out
+        if hooks is not None and (not hooks or path_out is not None):
+            raise ValueError("hooks must name at least one hook folder, and cannot be combined with path_out.")
+        self.path, self.path_out, self.hooks = path, path_out, list(hooks) if hooks else None
         self.batch_size, self.val_fraction, self.shuffle = batch_size, val_fraction, shuffle
         self.seed, self.num_workers, self.dtype = seed, num_workers, dtype
-        self.shards: ActivationShards | None = None
+        self.sequences: dict[str, RowSequence] | None = None
+
+    @property
+    def shards(self) -> ActivationShards:
+        """The (first) hook folder's shards."""
+        self.setup()
+        return next(iter(self.sequences.values())).shards
 
     @property
     def d_in(self) -> int:
-        self.setup()
         return self.shards.d
 
     @property
     def meta(self) -> dict[str, Any]:
         """The cache's ``index.json`` (model, hook, tokens, ...)."""
-        self.setup()
         return self.shards.index
 
+    def _folders(self) -> dict[str, Path]:
+        if self.hooks:
+            return {h: hook_folder(self.path, h) for h in self.hooks}
+        folders = {"x": Path(self.path)}
+        if self.path_out is not None:
+            folders["y"] = Path(self.path_out)
+        return folders
+
     def setup(self, stage: str | None = None) -> None:
-        if self.shards is not None:
+        if self.sequences is not None:
             return
-        if not Path(self.path).is_dir():
-            raise FileNotFoundError(
-                f"Activation folder {self.path} does not exist; write it first with "
-                "`prisma predict --config configs/cache/<file>.yaml`."
-            )
-        self.shards = ActivationShards(self.path)
-        blocks = self.shards.blocks(self.batch_size)
-        if not blocks:
+        sequences: dict[str, RowSequence] = {}
+        for key, folder in self._folders().items():
+            if not folder.is_dir():
+                raise FileNotFoundError(
+                    f"Activation folder {folder} does not exist; write it first with "
+                    "`prisma predict --config configs/cache/<file>.yaml`."
+                )
+            sequences[key] = RowSequence(ActivationShards(folder))
+        first_key, first = next(iter(sequences.items()))
+        layout = [s["rows"] for s in first.shards.shards]
+        for key, seq in sequences.items():
+            if [s["rows"] for s in seq.shards.shards] != layout:
+                raise ValueError(
+                    f"{self._folders()[key]} and {self._folders()[first_key]} do not hold the same rows per shard; "
+                    "read together only hook folders written by the same caching run."
+                )
+            for field in ("tokens_per_image", "n_images", "shuffle_seed"):
+                a, b = seq.shards.index.get(field), first.shards.index.get(field)
+                if a is not None and b is not None and a != b:
+                    raise ValueError(
+                        f"{self._folders()[key]} has {field}={a!r} but {self._folders()[first_key]} has {b!r}: their "
+                        "rows are not the same tokens in the same order."
+                    )
+        n_rows = first.n_rows
+        if n_rows < self.batch_size:
             raise ValueError(
-                f"{self.path} holds {self.shards.n_rows} rows, fewer than one batch of {self.batch_size} per shard."
+                f"{self.path} holds {n_rows} rows, fewer than one batch of {self.batch_size}; lower batch_size."
             )
+        blocks = [(s, min(s + self.batch_size, n_rows)) for s in range(0, n_rows, self.batch_size)]
         n_val = int(round(len(blocks) * self.val_fraction))
         self._train_blocks = blocks[: len(blocks) - n_val]
         self._val_blocks = blocks[len(blocks) - n_val :]
-        if self.path_out is not None:
-            out = ActivationShards(self.path_out)
-            if [s["rows"] for s in out.shards] != [s["rows"] for s in self.shards.shards]:
-                raise ValueError(f"{self.path_out} and {self.path} do not hold the same rows per shard.")
-            self.shards_out = out
+        self.sequences = sequences
 
-    def _loader(self, blocks: list[tuple[int, int, int]], shuffle: bool) -> ResumableLoader:
+    def _loader(self, blocks: list[tuple[int, int]], shuffle: bool) -> ResumableLoader:
         self.setup()
-        dataset = ActivationBlocks(self.shards, blocks, shuffle, self.seed, self.dtype)
-        if self.path_out is not None:
-            dataset = PairedActivationBlocks(dataset, self.shards_out)
+        output = "dict" if self.hooks else "pair" if self.path_out is not None else "tensor"
+        sequences = self.sequences if self.hooks else dict(self.sequences)
+        dataset = ActivationBlocks(sequences, blocks, shuffle, self.seed, self.dtype, output)
         return ResumableLoader(dataset, num_workers=self.num_workers, persistent_workers=False)
 
     def train_dataloader(self) -> ResumableLoader:
+        self.setup()
         return self._loader(self._train_blocks, self.shuffle)
 
     def val_dataloader(self) -> ResumableLoader | list:
@@ -199,16 +272,5 @@ class ActivationDataModule(pl.LightningDataModule):
         return self._loader(self._val_blocks, False) if self._val_blocks else []
 
     def predict_dataloader(self) -> ResumableLoader:
+        self.setup()
         return self._loader(self._train_blocks, False)
-
-
-class PairedActivationBlocks(ActivationBlocks):
-    """(input rows, output rows) from two shard folders with identical layouts (transcoder training)."""
-
-    def __init__(self, inner: ActivationBlocks, shards_out: ActivationShards) -> None:
-        super().__init__(inner.shards, inner.blocks, inner.shuffle, inner.seed, "float32")
-        self.dtype, self.shards_out = inner.dtype, shards_out
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
-        for i in self.epoch_order():
-            yield self.read_block(self.shards, i), self.read_block(self.shards_out, i)

@@ -1,7 +1,11 @@
 """Pieces every prisma-lightning DataModule shares: loader options, seeded splits, and robust file datasets.
 
 ``PrismaDataModule`` holds the DataLoader options (batch size, workers, pinning, seed) and builds the four
-loaders (predict = the validation split). ``FileDataset`` is the base of the ImageNet and video datasets: a
+loaders (predict = the validation split). Its train loader is resumable mid-epoch, bitwise: a
+:class:`ResumableDataLoader` over a :class:`GlobalBatchSampler` (a seeded permutation per epoch, split across DDP
+ranks) whose position Lightning keeps in checkpoints, reading through :class:`SeededSamples`, which runs each
+sample's random draws (augmentations, random clips) under a seed that depends only on (seed, epoch, index).
+``FileDataset`` is the base of the ImageNet and video datasets: a
 file that cannot be decoded is skipped (the next readable sample is returned instead), counted, and reported
 with a single warning; with ``on_bad='raise'`` it raises :class:`UnreadableFileError` naming the file. The
 record of bad files lives in shared memory, so the count is right across DataLoader worker processes and
@@ -11,15 +15,17 @@ epochs.
 from __future__ import annotations
 
 import abc
+import contextlib
 import multiprocessing
+import random
 import warnings
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 OnBad = Literal["skip", "raise"]
 
@@ -91,14 +97,16 @@ class PrismaDataModule(LightningDataModule):
     """LightningDataModule with the loader options shared by all prisma-lightning datasets.
 
     Subclasses fill ``self.train_set``, ``self.val_set`` and ``self.test_set`` in ``setup``. The predict
-    loader serves the validation split.
+    loader serves the validation split. The train loader is a :class:`ResumableDataLoader`: Lightning stores its
+    position in every checkpoint, and a run resumed mid-epoch sees exactly the batches of an uninterrupted run.
 
     Args:
         batch_size: Samples per batch.
         num_workers: DataLoader worker processes (0 loads in the main process).
         pin_memory: Pin batches in page-locked memory; None pins when CUDA is available.
         persistent_workers: Keep worker processes alive between epochs (needs ``num_workers > 0``).
-        seed: Seed of the splits, subsets and the training shuffle order.
+        seed: Seed of the splits, subsets, the training shuffle order and the training samples' randomness
+            (random augmentations, random clip starts).
     """
 
     def __init__(
@@ -140,24 +148,26 @@ class PrismaDataModule(LightningDataModule):
                 dataset.transform = value
 
     def _loader(self, dataset: Dataset | None, split: str, shuffle: bool) -> DataLoader:
+        """The loader of one split: a :class:`ResumableDataLoader` for ``train``, a plain DataLoader otherwise."""
         if dataset is None:
             raise RuntimeError(
                 f"The {split} split of {type(self).__name__} is not set up; call `setup()` first "
                 "(the Trainer does this for you)."
             )
-        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=GlobalBatchSampler(dataset, self.batch_size, seed=self.seed, shuffle=shuffle),
-            num_workers=self.num_workers,
-            pin_memory=pin,
-            persistent_workers=self.persistent_workers,
-            # A seeded generator makes each worker's base seed reproducible.
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        options: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,
+            "persistent_workers": self.persistent_workers,
+        }
+        if split == "train":
+            sampler = GlobalBatchSampler(dataset, self.batch_size, seed=self.seed, shuffle=shuffle, sample_seeds=True)
+            return ResumableDataLoader(SeededSamples(dataset), sampler=sampler, **options)
+        sampler = GlobalBatchSampler(dataset, self.batch_size, seed=self.seed, shuffle=shuffle)
+        # A seeded generator makes each worker's base seed reproducible (and leaves the global RNG alone).
+        return DataLoader(dataset, sampler=sampler, generator=torch.Generator().manual_seed(self.seed), **options)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         return self._loader(self.train_set, "train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -171,6 +181,97 @@ class PrismaDataModule(LightningDataModule):
         return self._loader(self.val_set, "validation", shuffle=False)
 
 
+# ---------------------------------------------------------------------------------------------- seeds
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seeds(seed: int, *values: np.ndarray | int) -> np.ndarray:
+    """63-bit seeds that depend on ``seed`` and each of ``values`` (broadcast; splitmix64 mixing), e.g.
+    ``mix_seeds(seed, epoch, indices)`` -> one seed per index. Returns a uint64 array (0-d for scalars)."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps around, as the mixing intends
+        h = _splitmix64(np.asarray(int(seed) & _MASK64, dtype=np.uint64))
+        for value in values:
+            v = np.asarray(value, dtype=np.int64).astype(np.uint64)
+            h = _splitmix64(h ^ _splitmix64(v))
+    return h >> np.uint64(1)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int, restore: bool = True) -> Iterator[None]:
+    """Seed torch's CPU generator, Python's ``random`` and numpy's global RNG with ``seed`` for the block.
+
+    With ``restore`` their previous states come back afterwards (numpy's costs ~0.3 ms; a DataLoader worker,
+    whose every sample is seeded, can skip it). CUDA generators are not touched.
+    """
+    saved = (torch.default_generator.get_state(), random.getstate(), np.random.get_state()) if restore else None
+    torch.default_generator.manual_seed(int(seed))
+    random.seed(int(seed))
+    np.random.seed(int(seed) & 0xFFFFFFFF)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.default_generator.set_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+class SampleKey(NamedTuple):
+    """What the training sampler yields: a dataset index and the seed of that sample's randomness."""
+
+    index: int
+    """Index into the dataset."""
+    seed: int
+    """``mix_seeds(seed, epoch, index)``: seeds every RNG while the sample is read."""
+
+
+def transform_is_random(transform: Any) -> bool:
+    """Whether a per-sample transform may draw random numbers: any transform unless it sets ``is_random = False``."""
+    return transform is not None and bool(getattr(transform, "is_random", True))
+
+
+class SeededSamples(Dataset):
+    """The training loader's view of a dataset: ``SampleKey(index, seed)`` -> ``dataset[index]`` read with every
+    RNG seeded by ``seed``, so random augmentations and random clips depend only on (seed, epoch, index).
+
+    A plain int index reads the sample without seeding. A dataset whose ``is_random`` attribute is False is read
+    without seeding (no cost); one with ``getitems_seeded(indices, seeds)`` reads a whole batch at once.
+
+    Args:
+        dataset: The map-style dataset to read.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped dataset's attributes (labels, n_bad, ...)
+        if name == "dataset":  # not set yet (unpickling): do not recurse
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key: SampleKey | int) -> Any:
+        if not isinstance(key, tuple) or not getattr(self.dataset, "is_random", True):
+            return self.dataset[key[0] if isinstance(key, tuple) else key]
+        with seeded_rngs(key[1], restore=get_worker_info() is None):
+            return self.dataset[key[0]]
+
+    def __getitems__(self, keys: Sequence[SampleKey | int]) -> list[Any]:
+        batched = getattr(self.dataset, "getitems_seeded", None)
+        if batched is not None and all(isinstance(k, tuple) for k in keys):
+            return batched([k[0] for k in keys], [k[1] for k in keys])
+        return [self[k] for k in keys]
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 class GlobalBatchSampler(DistributedSampler):
     """A seeded permutation per epoch, split so that DDP processes together see one process's batches.
@@ -180,38 +281,197 @@ class GlobalBatchSampler(DistributedSampler):
     processes with batch B therefore trains on exactly the batches of a one-process run with batch ``W * B``.
     Under DDP the last incomplete global batch is dropped so every rank takes the same number of steps.
     Lightning calls ``set_epoch`` and, since this is a ``DistributedSampler``, does not replace it.
+
+    ``resume(epoch, position)`` makes the next iteration of that epoch start at ``position`` of its permutation
+    (the samples all ranks together consumed), skipping the earlier indices without reading them.
+
+    Args:
+        dataset: The dataset (only its length is used).
+        batch_size: Samples per batch of this process.
+        seed: Seed of the permutations (and of the sample seeds).
+        shuffle: Permute each epoch (False: dataset order).
+        sample_seeds: Yield ``SampleKey(index, mix_seeds(seed, epoch, index))`` instead of plain indices, for
+            :class:`SeededSamples`.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True, sample_seeds: bool = False
+    ) -> None:
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         world = torch.distributed.get_world_size() if dist else 1
         rank = torch.distributed.get_rank() if dist else 0
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.batch_size = batch_size
+        self.sample_seeds = sample_seeds
+        self._resume: tuple[int, int] | None = None
+        self.epoch_was_set = False
+        """Whether ``set_epoch`` was called since a :class:`ResumableDataLoader` last started an iteration."""
+        self.iter_epoch, self.iter_start = 0, 0
+        """Epoch and start position of the latest iteration."""
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.epoch_was_set = True
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per step over all processes."""
+        return self.batch_size * self.num_replicas
+
+    def epoch_end(self, start: int = 0) -> int:
+        """Position in the permutation where an iteration that starts at ``start`` ends."""
+        n = len(self.dataset)  # type: ignore[arg-type]
+        if self.num_replicas == 1:
+            return max(n, start)
+        return start + max(0, n - start) // self.global_batch * self.global_batch
+
+    def start_position(self) -> int:
+        """Where the next iteration will start: the resume position if it is for the current epoch, else 0."""
+        if self._resume is not None and self._resume[0] == self.epoch:
+            return self._resume[1]
+        return 0
+
+    def resume(self, epoch: int, position: int) -> None:
+        """Continue ``epoch`` at ``position`` of its permutation on the next iteration (and set the epoch)."""
+        self.set_epoch(epoch)
+        self._resume = (epoch, position)
 
     def _order(self) -> list[int]:
-        n = len(self.dataset)
+        n = len(self.dataset)  # type: ignore[arg-type]
         if not self.shuffle:
             return list(range(n))
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
         return torch.randperm(n, generator=gen).tolist()
 
-    def __iter__(self):
-        order = self._order()
+    def __iter__(self) -> Iterator[int] | Iterator[SampleKey]:
+        start = self.start_position()
+        self._resume = None
+        self.iter_epoch, self.iter_start = self.epoch, start
+        order = self._order()[start:]
         if self.num_replicas == 1:
-            return iter(order)
-        global_batch = self.batch_size * self.num_replicas
-        mine: list[int] = []
-        for start in range(0, len(order) // global_batch * global_batch, global_batch):
-            first = start + self.rank * self.batch_size
-            mine += order[first : first + self.batch_size]
-        return iter(mine)
+            mine = order
+        else:
+            global_batch = self.global_batch
+            mine = []
+            for first in range(0, len(order) // global_batch * global_batch, global_batch):
+                first += self.rank * self.batch_size
+                mine += order[first : first + self.batch_size]
+        if not self.sample_seeds:
+            return iter(mine)
+        seeds = mix_seeds(self.seed, self.epoch, np.asarray(mine, dtype=np.int64)).tolist()
+        return iter(list(map(SampleKey, mine, seeds)))
 
     def __len__(self) -> int:
-        n = len(self.dataset)
+        n = len(self.dataset)  # type: ignore[arg-type]
         if self.num_replicas == 1:
             return n
         return n // (self.batch_size * self.num_replicas) * self.batch_size
+
+
+# ---------------------------------------------------------------------------------------------- resumable loader
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`GlobalBatchSampler` whose position survives checkpoints.
+
+    Lightning treats a train loader with ``state_dict`` / ``load_state_dict`` as stateful: the fit loop saves
+    ``state_dict()`` in every checkpoint and, when resuming, calls ``load_state_dict`` before its first
+    ``iter()``. The state is the epoch and the position in that epoch's permutation (samples consumed by all
+    ranks together, counted from the batches this loader has handed out, not from what its workers prefetched),
+    so every DDP rank resumes at the same global position. Resuming skips the consumed indices in the sampler,
+    without reading them, continues the epoch's permutation, and the following epochs are those of an
+    uninterrupted run. A checkpoint taken after an epoch's last batch resumes at the start of the next epoch.
+
+    The epoch of an iteration is the sampler's: Lightning sets it (``set_epoch``) before each epoch. A loop that
+    does not (one that just iterates again, like the online SAE's activation stream) gets the next epoch on each
+    new ``iter()``, as if it had called ``set_epoch(previous + 1)``.
+
+    Each ``iter()`` seeds ``generator`` with ``mix_seeds(seed, epoch)``, so the workers' base seeds depend only
+    on (seed, epoch) (with ``persistent_workers`` the workers keep the seeds of the epoch they started in).
+    Per-sample randomness does not depend on them: the sampler yields per-sample seeds (:class:`SeededSamples`).
+
+    Args:
+        dataset: The dataset, usually :class:`SeededSamples`.
+        sampler: A :class:`GlobalBatchSampler` over it.
+        **kwargs: Further DataLoader arguments (``batch_size``, ``num_workers``, ...).
+    """
+
+    def __init__(self, dataset: Dataset, sampler: GlobalBatchSampler, **kwargs: Any) -> None:
+        kwargs.setdefault("generator", torch.Generator())
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self._counter = _BatchCounter()  # of the latest iterator (no reference to it: its workers stop when dropped)
+        self._iterated = False
+
+    @property
+    def _yielded(self) -> int:
+        """Batches handed out by the latest iterator."""
+        return self._counter.batches
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        sampler = self.sampler
+        if isinstance(sampler, GlobalBatchSampler):
+            if self._iterated and not sampler.epoch_was_set:  # iterated again without set_epoch: the next epoch
+                sampler.set_epoch(sampler.epoch + 1)
+            sampler.epoch_was_set, self._iterated = False, True
+            if self.generator is not None:
+                self.generator.manual_seed(int(mix_seeds(sampler.seed, sampler.epoch)))
+        self._counter = _BatchCounter()
+        return _CountingIterator(super().__iter__(), self._counter)
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "position", "seed", "dataset_size"}``: where the next batch starts."""
+        sampler = self.sampler
+        if not isinstance(sampler, GlobalBatchSampler):  # replaced by Lightning (e.g. overfit_batches)
+            return {}
+        if self._yielded == 0:  # nothing read from the current iteration (or none started): what it will do
+            epoch, position = sampler.epoch, sampler.start_position()
+        else:  # the sampler has run for this iteration (before its first batch was handed out)
+            epoch = sampler.iter_epoch
+            consumed = sampler.iter_start + self._yielded * sampler.global_batch
+            position = min(consumed, sampler.epoch_end(sampler.iter_start))
+        if sampler.epoch_end(position) <= position:  # the epoch is complete: the next one starts from scratch
+            epoch, position = epoch + 1, 0
+        return {"epoch": epoch, "position": position, "seed": sampler.seed, "dataset_size": len(sampler.dataset)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where ``state`` (from :meth:`state_dict`) left off, on this process's next ``iter()``."""
+        sampler = self.sampler
+        if not state or not isinstance(sampler, GlobalBatchSampler):
+            return
+        n = len(sampler.dataset)
+        if state.get("dataset_size", n) != n or state.get("seed", sampler.seed) != sampler.seed:
+            warnings.warn(
+                f"Resuming a data loader saved with seed {state.get('seed')} over {state.get('dataset_size')} "
+                f"samples, now seed {sampler.seed} over {n} samples: the resumed epoch is not the saved one. Resume "
+                "with the data settings of the checkpoint's run for an exact continuation.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        epoch, position = int(state["epoch"]), min(int(state["position"]), n)
+        if sampler.epoch_end(position) <= position:
+            epoch, position = epoch + 1, 0
+        sampler.resume(epoch, position)
+        self._counter = _BatchCounter()
+
+
+class _BatchCounter:
+    batches = 0
+
+
+class _CountingIterator:
+    """A DataLoader iterator that counts the batches it hands out (for :class:`ResumableDataLoader`'s state)."""
+
+    def __init__(self, inner: Iterator[Any], counter: _BatchCounter) -> None:
+        self._inner, self._counter = inner, counter
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self._inner)
+        self._counter.batches += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self._inner)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------- bad files

@@ -33,14 +33,16 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from prisma_lightning.datamodules.base import (
     PrismaDataModule,
     check_choice,
     check_fractions,
     check_positive,
+    seeded_rngs,
     seeded_split,
+    transform_is_random,
 )
 from prisma_lightning.utils import atomic_path
 
@@ -340,9 +342,13 @@ def _pack_stream(
 
 # ---------------------------------------------------------------------------------------------- dataset
 class DSpritesDataset(Dataset):
-    """(image float [C, H, W] in [0, 1], target class) for the given dSprites image indices.
+    """(image float [C, H, W] in [0, 1], target class) for the given dSprites image indices; with ``latents``
+    (``[len(indices), 6]`` latent classes) and ``factors=True``, ``(image, target, {"factors": [5] int64, "index":
+    image index})`` where ``factors`` are the classes of shape, scale, orientation, posX, posY.
 
-    ``__getitems__`` renders / unpacks a whole batch at once (the DataLoader uses it when batching).
+    ``__getitems__`` renders / unpacks a whole batch at once (the DataLoader uses it when batching);
+    ``getitems_seeded`` does the same for the training loader, running the transform of each sample with every
+    RNG seeded by that sample's seed.
     """
 
     def __init__(
@@ -353,17 +359,46 @@ class DSpritesDataset(Dataset):
         image_size: int = CANVAS,
         channels: int = 1,
         transform: Callable[[torch.Tensor], Any] | None = None,
+        latents: np.ndarray | None = None,
+        factors: bool = False,
     ) -> None:
         self.images, self.indices, self.labels = images, np.asarray(indices), np.asarray(labels)
         self.image_size, self.channels, self.transform = image_size, channels, transform
+        if factors and latents is None:
+            raise ValueError("factors=True needs the latent classes of the images (latents=[n, 6]).")
+        if latents is not None and np.shape(latents) != (len(self.indices), len(LATENT_NAMES)):
+            raise ValueError(f"latents must have shape [{len(self.indices)}, 6], got {list(np.shape(latents))}.")
+        self._latents = None if latents is None else np.asarray(latents, dtype=np.int64)
+        self.factors = factors
+
+    def latents(self, items: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``[k, 6]`` int64 latent classes (colour, shape, scale, orientation, posX, posY) of samples ``items``."""
+        if self._latents is None:
+            raise ValueError("This DSpritesDataset was built without latents.")
+        return self._latents[np.asarray(items, dtype=np.int64)]
+
+    def _extras(self, items: np.ndarray) -> list[dict[str, Any]] | None:
+        if not self.factors:
+            return None
+        latents = torch.from_numpy(self.latents(items)[:, 1:].copy())
+        return [{"factors": f, "index": int(i)} for f, i in zip(latents, self.indices[items], strict=True)]
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    @property
+    def is_random(self) -> bool:
+        """Whether reading a sample draws random numbers (only a random transform does)."""
+        return transform_is_random(self.transform)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         return self.__getitems__([i])[0]
 
     def __getitems__(self, items: Sequence[int]) -> list[tuple[Any, int]]:
+        return self.getitems_seeded(items, None)
+
+    def getitems_seeded(self, items: Sequence[int], seeds: Sequence[int] | None) -> list[tuple[Any, int]]:
+        """The samples ``items``; with ``seeds``, each transform runs under ``seeded_rngs`` of its sample's seed."""
         items = np.asarray(items, dtype=np.int64)
         x = torch.from_numpy(self.images(self.indices[items])).float().unsqueeze(1)  # [k, 1, 64, 64]
         if self.image_size != CANVAS:
@@ -372,10 +407,21 @@ class DSpritesDataset(Dataset):
             x = TF.resize(x, [self.image_size, self.image_size], antialias=True)
         if self.channels == 3:
             x = x.expand(-1, 3, -1, -1)
-        out = []
-        for img, label in zip(x, self.labels[items], strict=True):
-            out.append((self.transform(img) if self.transform is not None else img.contiguous(), int(label)))
-        return out
+        labels = [int(label) for label in self.labels[items]]
+        if self.transform is None:
+            images = [img.contiguous() for img in x]
+        elif seeds is None or not self.is_random:
+            images = [self.transform(img) for img in x]
+        else:
+            restore = get_worker_info() is None
+            images = []
+            for img, seed in zip(x, seeds, strict=True):
+                with seeded_rngs(seed, restore=restore):
+                    images.append(self.transform(img))
+        extras = self._extras(items)
+        if extras is None:
+            return list(zip(images, labels, strict=True))
+        return list(zip(images, labels, extras, strict=True))
 
 
 class DSpritesDataModule(PrismaDataModule):
@@ -404,6 +450,9 @@ class DSpritesDataModule(PrismaDataModule):
         pin_memory: Pin batches in page-locked memory; None pins when CUDA is available.
         persistent_workers: Keep worker processes alive between epochs.
         seed: Seed of the subset, the splits and the shuffle order.
+        factors: Add the generative factors to every sample: batches are ``[images, labels, {"factors": [B, 5],
+            "index": [B]}]`` (classes of shape, scale, orientation, posX, posY, and the image's index in the grid).
+            ``SAEEvaluator`` then adds its ground-truth columns.
     """
 
     def __init__(
@@ -424,8 +473,10 @@ class DSpritesDataModule(PrismaDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = False,
         seed: int = 0,
+        factors: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, seed)
+        self.factors = bool(factors)
         check_choice("target", target, LATENT_NAMES[1:])
         check_choice("channels", channels, (1, 3))
         check_fractions(val_fraction, test_fraction)
@@ -480,21 +531,18 @@ class DSpritesDataModule(PrismaDataModule):
             if sizes[0] != 1 or sizes[1] != len(SHAPES) or sizes[4] != sizes[5] or len(classes) != np.prod(sizes):
                 raise ValueError(f"{self.path}: latents_classes do not form a dSprites grid (sizes {sizes.tolist()}).")
             self.grid = DSpritesGrid(int(sizes[2]), int(sizes[3]), int(sizes[4]))
-            labels_all = classes[:, LATENT_NAMES.index(self.target)]
         else:
             if self.cache:
                 self.prepare_data()  # no-op when prepare_data already ran (single process without a Trainer)
                 images = _PackedImages(path=self.cache_file)
             else:
                 images = _RenderedImages(self.grid)
-            labels_all = None
         n = len(self.grid)
         splits = seeded_split(n, self.val_fraction, self.test_fraction, self.seed, self.subset_size)
         datasets = []
+        column = LATENT_NAMES.index(self.target)
         for idx in splits:
-            if labels_all is not None:
-                labels = labels_all[idx]
-            else:
-                labels = self.grid.latents_classes(idx)[:, LATENT_NAMES.index(self.target)]
-            datasets.append(DSpritesDataset(images, idx, labels, self.image_size, self.channels, self.transform))
+            latents = classes[idx] if self.path is not None else self.grid.latents_classes(idx)
+            datasets.append(DSpritesDataset(images, idx, latents[:, column], self.image_size, self.channels,
+                                            self.transform, latents=latents, factors=self.factors))  # fmt: skip
         self.train_set, self.val_set, self.test_set = datasets

@@ -38,6 +38,7 @@ from prisma_lightning.datamodules.base import (
     check_choice,
     check_positive,
     seeded_limit,
+    transform_is_random,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,7 +50,7 @@ def default_image_transform(resize: int = 256, crop: int = 224) -> Callable[[Any
     import torch
     from torchvision.transforms import v2
 
-    return v2.Compose(
+    transform = v2.Compose(
         [
             v2.Resize(resize, antialias=True),
             v2.CenterCrop(crop),
@@ -58,6 +59,8 @@ def default_image_transform(resize: int = 256, crop: int = 224) -> Callable[[Any
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
+    transform.is_random = False  # the training loader need not seed it
+    return transform
 
 
 def to_rgb(img: Any) -> Any:
@@ -169,6 +172,11 @@ class ImageFileDataset(FileDataset):
         self.decode_errors = (*FileDataset.decode_errors, Image.DecompressionBombError)
         self.labels, self.transform = list(labels), transform
 
+    @property
+    def is_random(self) -> bool:
+        """Whether reading a sample draws random numbers (only a random transform does)."""
+        return transform_is_random(self.transform)
+
     def decode(self, index: int) -> Any:
         return load_rgb(self.files[index])
 
@@ -186,7 +194,8 @@ class ImageNetDataModule(PrismaDataModule):
         val_solution: ``LOC_val_solution.csv`` for a flat ``val_dir``; None looks for it in ``root`` and above.
         synset_mapping: ``LOC_synset_mapping.txt``; None looks for it in ``root`` and above (optional).
         train_transform: Callable on each training image (an RGB PIL image); None: resize 256, centre crop 224,
-            float tensor, ImageNet normalisation. Pass ``backbone.preprocess(train=True)`` for augmentation.
+            float tensor, ImageNet normalisation. Pass ``backbone.preprocess(train=True)`` for augmentation (the
+            training loader seeds its random draws per image from ``seed``, the epoch and the image index).
         val_transform: Callable on each validation image; None: the same default as for training.
         limit_train: Use a seeded random subset of this many training images (None: all).
         limit_val: Use a seeded random subset of this many validation images (None: all).

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from prisma_lightning.datamodules.base import PrismaDataModule, check_choice, check_positive
+from prisma_lightning.datamodules.base import PrismaDataModule, check_choice, check_positive, transform_is_random
 
 Variant = Literal["induction", "polygenic", "circle"]
 SHAPE_NAMES = ("circle", "line", "x", "diagonal")
@@ -194,6 +194,11 @@ class InductionDataset(Dataset):
     @property
     def labels(self) -> np.ndarray:
         return self.configs["label"][self.indices]
+
+    @property
+    def is_random(self) -> bool:
+        """Whether reading a sample draws random numbers (only a random transform does)."""
+        return transform_is_random(self.transform)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         j = int(self.indices[i])

@@ -22,6 +22,7 @@ from prisma_lightning.datamodules.base import (
     check_fractions,
     check_positive,
     seeded_split,
+    transform_is_random,
 )
 
 Name = Literal["MNIST", "CIFAR10"]
@@ -61,6 +62,11 @@ class TransformedSubset(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    @property
+    def is_random(self) -> bool:
+        """Whether reading a sample draws random numbers (only a random transform does)."""
+        return transform_is_random(self.transform)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         image, label = self.base[int(self.indices[i])]
@@ -157,7 +163,9 @@ class TorchvisionDataModule(PrismaDataModule):
             mean, std = mean * self.channels, std * self.channels
         if self.normalize:
             steps.append(v2.Normalize(mean=list(mean), std=list(std)))
-        return v2.Compose(steps)
+        transform = v2.Compose(steps)
+        transform.is_random = train and self.augment  # the training loader seeds only random transforms
+        return transform
 
     # ------------------------------------------------------------------ data
     def _dataset(self, train: bool, download: bool) -> Dataset:

@@ -6,7 +6,9 @@
 Clip sampling (a clip spans ``(frames - 1) * stride + 1`` frames, starting at frame ``start``):
 
 * ``random`` (training default): ``start`` uniform over every start that keeps the clip inside the video,
-  drawn afresh each time the sample is read (torch's RNG, which Lightning / the DataLoader seed).
+  drawn from torch's RNG each time the sample is read. The training loader seeds it per sample from
+  (``seed``, epoch, sample index), so an epoch's clips are the same in a resumed run and with any
+  ``num_workers``.
 * ``uniform`` (evaluation default): deterministic; with ``clips_per_video=1`` the centred clip
   (``start = (n_frames - span) // 2``), with k > 1 clips ``k`` evenly spaced starts from the first to the last
   possible one (each clip is a separate sample of the evaluation splits).
@@ -47,6 +49,7 @@ from prisma_lightning.datamodules.base import (
     check_fractions,
     check_positive,
     split_counts,
+    transform_is_random,
 )
 from prisma_lightning.utils import atomic_path
 
@@ -169,6 +172,9 @@ class ClipToFloat:
     """Default clip transform: uint8 ``[T, C, H, W]`` -> float in [0, 1], shorter side resized to ``size`` and
     centre-cropped to ``size x size`` (no resizing when ``size`` is None)."""
 
+    is_random = False
+    """Deterministic: the training loader need not seed it."""
+
     def __init__(self, size: int | None = 224) -> None:
         self.size = size
 
@@ -213,6 +219,11 @@ class VideoClipDataset(FileDataset):
 
     def file_index(self, index: int) -> int:
         return index // self.clips_per_video
+
+    @property
+    def is_random(self) -> bool:
+        """Whether reading a sample draws random numbers (random clip starts, a random transform)."""
+        return self.sampling == "random" or transform_is_random(self.transform)
 
     def n_frames(self, file_index: int) -> int:
         if file_index not in self._n_frames:

@@ -1,23 +1,29 @@
 """`ActivationCache`: the activations of one forward pass, with residual-stream decompositions.
 
 Keys are full hook names (``blocks.3.hook_resid_post``); ``cache["resid_post", 3]`` and the other
-TransformerLens shorthands resolve through :func:`act_name`. Decompositions need the model the cache came
-from (its depth and its LayerNorms), which the cache keeps a reference to.
+TransformerLens shorthands resolve through :func:`act_name`, and a model's hook aliases (e.g. ViT-Prisma's
+``hook_ln_final``) resolve to the canonical names they stand for. Decompositions need to know where the model's
+residual stream lives; they ask the model the cache came from, through the
+:class:`~prisma_lightning.hooks.protocol.ResidualStreamModel` members only (which hook holds the stream at each
+layer, which hooks hold each component's write, which LayerNorm reads it), so nothing here depends on how a
+model is built.
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from prisma_lightning.hooks.hooked_module import HookedModule
+from prisma_lightning.hooks.protocol import ResidNorm, ResidualStreamModel
 
 PosSlice = None | int | slice | list[int] | torch.Tensor
 
-_BLOCK_HOOKS = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"}
+_BLOCK_HOOKS = {
+    "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn_in", "mlp_in", "q_input", "k_input", "v_input"
+}  # fmt: skip
 _ATTN_HOOKS = {"q", "k", "v", "z", "result", "attn_scores", "pattern"}
 _ALIASES = {"attn": "pattern", "scores": "attn_scores", "mlp_pre": "pre", "mlp_post": "post"}
 _MLP_HOOKS = {"pre", "post"}
@@ -60,9 +66,16 @@ def _slice_pos(x: torch.Tensor, pos_slice: PosSlice) -> torch.Tensor:
 
 
 class ActivationCache:
-    """Mapping from hook names to cached tensors, plus the model that produced them."""
+    """Mapping from hook names to cached tensors, plus the model that produced them.
 
-    def __init__(self, cache_dict: dict[str, torch.Tensor], model: HookedModule, has_batch_dim: bool = True):
+    Args:
+        cache_dict: canonical hook name -> activation (``<name>_grad`` for gradients).
+        model: the model the activations came from; its ``canonical_hook_name`` resolves aliases, and the
+            decompositions use its :class:`~prisma_lightning.hooks.protocol.ResidualStreamModel` members.
+        has_batch_dim: whether every tensor starts with the batch dimension.
+    """
+
+    def __init__(self, cache_dict: dict[str, torch.Tensor], model: Any, has_batch_dim: bool = True):
         self.cache_dict = cache_dict
         self.model = model
         self.has_batch_dim = has_batch_dim
@@ -77,16 +90,21 @@ class ActivationCache:
             return name
         if key in self.cache_dict:
             return key
-        return act_name(key)
+        name = act_name(key)
+        canonical = getattr(self.model, "canonical_hook_name", None)
+        if canonical is None:
+            return name
+        if name.endswith("_grad"):  # the gradient entry of an alias: "hook_ln_final_grad"
+            return canonical(name.removesuffix("_grad")) + "_grad"
+        return canonical(name)
 
     def __getitem__(self, key: str | tuple) -> torch.Tensor:
         name = self._key(key)
         if name not in self.cache_dict:
-            import difflib
-
             close = difflib.get_close_matches(name, list(self.cache_dict), n=5, cutoff=0.4)
+            asked = f"{key!r} ({name!r})" if isinstance(key, str) and key != name else f"{name!r}"
             raise KeyError(
-                f"{name!r} is not in this cache ({len(self.cache_dict)} entries). Closest cached: {close}. "
+                f"{asked} is not in this cache ({len(self.cache_dict)} entries). Closest cached: {close}. "
                 "Cache it with run_with_cache(..., names_filter=...) including that name."
             )
         return self.cache_dict[name]
@@ -138,8 +156,24 @@ class ActivationCache:
 
     # ------------------------------------------------------------------ residual stream
     @property
+    def _stream(self) -> ResidualStreamModel:
+        """The model as a :class:`ResidualStreamModel` (a ``TypeError`` saying what is missing otherwise)."""
+        if not isinstance(self.model, ResidualStreamModel):
+            missing = [m for m in ("cfg", "resid_hook_name", "resid_components", "resid_norm", "head_results")
+                       if not hasattr(self.model, m)]  # fmt: skip
+            raise TypeError(
+                f"Residual-stream decompositions need a model that says where its residual stream lives; "
+                f"{type(self.model).__name__} lacks {missing}. Implement "
+                "prisma_lightning.hooks.protocol.ResidualStreamModel on it (HookedViT does)."
+            )
+        return self.model
+
+    @property
     def _n_layers(self) -> int:
-        return self.model.cfg.n_layers
+        n_layers = getattr(getattr(self.model, "cfg", None), "n_layers", None)
+        if n_layers is None:
+            return int(self._stream.cfg.n_layers)  # raises the TypeError naming what the model lacks
+        return int(n_layers)
 
     def _layer(self, layer: int | None) -> int:
         n = self._n_layers
@@ -153,11 +187,17 @@ class ActivationCache:
 
     def _resid_at(self, layer: int, mlp_input: bool = False) -> torch.Tensor:
         """Residual stream entering block ``layer`` (its MLP if ``mlp_input``); ``n_layers`` = final."""
-        if mlp_input:
-            return self[f"blocks.{layer}.hook_resid_mid"]
-        if layer == self._n_layers:
-            return self[f"blocks.{layer - 1}.hook_resid_post"]
-        return self[f"blocks.{layer}.hook_resid_pre"]
+        return self[self._stream.resid_hook_name(layer, mlp_input)]
+
+    def _norm_at(self, layer: int, mlp_input: bool) -> ResidNorm:
+        norm = self._stream.resid_norm(layer, mlp_input)
+        if norm is None:
+            where = "final LayerNorm over all tokens" if layer == self._n_layers else f"LayerNorm at layer {layer}"
+            raise ValueError(
+                f"This model has no {where} reading the residual stream (e.g. it normalises after pooling, "
+                "fc_norm), so applying it is undefined. Pass a block index instead."
+            )
+        return norm
 
     def accumulated_resid(
         self,
@@ -175,15 +215,16 @@ class ActivationCache:
         reads the residual at ``layer`` (``ln_final`` for None), using each entry's own statistics.
         """
         layer = self._layer(layer)
+        stream = self._stream
         parts, labels = [], []
         for i in range(layer):
-            parts.append(self[f"blocks.{i}.hook_resid_pre"])
+            parts.append(self[stream.resid_hook_name(i)])
             labels.append(f"{i}_pre")
             if incl_mid:
-                parts.append(self[f"blocks.{i}.hook_resid_mid"])
+                parts.append(self[stream.resid_hook_name(i, mlp_input=True)])
                 labels.append(f"{i}_mid")
         if mlp_input:
-            parts.append(self[f"blocks.{layer}.hook_resid_pre"])
+            parts.append(self._resid_at(layer))
             labels.append(f"{layer}_pre")
             parts.append(self._resid_at(layer, mlp_input=True))
             labels.append(f"{layer}_mid")
@@ -194,7 +235,7 @@ class ActivationCache:
         if apply_ln:
             # Each entry is a whole residual stream, so it gets the full LayerNorm with its own scale: the
             # logit lens then shows exactly what the model would output if it stopped there.
-            ln = self._ln_at(layer, mlp_input)
+            ln = self._norm_at(layer, mlp_input)
             stack = torch.nn.functional.layer_norm(stack, (stack.shape[-1],), ln.weight, ln.bias, ln.eps)
         return (stack, labels) if return_labels else stack
 
@@ -210,25 +251,19 @@ class ActivationCache:
     ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
         """Stack ``[n, (B,) T, d]`` of what each component wrote into the residual stream before ``layer``.
 
-        Components: ``embed`` (the residual entering block 0, i.e. after ``ln_pre`` where the model has one),
-        then ``{i}_attn_out`` and ``{i}_mlp_out`` per block. They sum exactly to the residual at ``layer``
-        (entering its MLP when ``mlp_input``). ``mode`` is ``all``, ``attn`` or ``mlp``.
+        Components (the model's ``resid_components``): ``embed`` (the residual entering block 0, i.e. after
+        ``ln_pre`` where the model has one), then ``{i}_attn_out`` and ``{i}_mlp_out`` per block. They sum exactly
+        to the residual at ``layer`` (entering its MLP when ``mlp_input``). ``mode`` is ``all``, ``attn`` or ``mlp``.
         """
         if mode not in ("all", "attn", "mlp"):
             raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}.")
         layer = self._layer(layer)
-        attn_only = getattr(self.model.cfg, "attn_only", False)
         parts, labels = [], []
-        if incl_embeds:
-            parts.append(self["blocks.0.hook_resid_pre"])
-            labels.append("embed")
-        for i in range(layer + (1 if mlp_input else 0)):
-            if mode in ("all", "attn"):
-                parts.append(self[f"blocks.{i}.hook_attn_out"])
-                labels.append(f"{i}_attn_out")
-            if mode in ("all", "mlp") and not attn_only and i < layer:
-                parts.append(self[f"blocks.{i}.hook_mlp_out"])
-                labels.append(f"{i}_mlp_out")
+        for component in self._stream.resid_components(layer, mlp_input):
+            keep = incl_embeds if component.kind == "embed" else mode in ("all", component.kind)
+            if keep:
+                parts.append(self[component.hook_name])
+                labels.append(component.label)
         stack = torch.stack([_slice_pos(p, pos_slice) for p in parts])
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
@@ -244,24 +279,20 @@ class ActivationCache:
     ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
         """Stack ``[n_heads*layer (+1), (B,) T, d]`` of every head's write to the residual stream.
 
-        Uses ``attn.hook_result`` when cached, otherwise computes it from ``attn.hook_z`` and the model's
-        ``W_O`` (which includes any layer scale). ``incl_remainder`` appends residual minus all heads.
+        Each block's heads come from the model's ``head_results`` (for a HookedViT: ``attn.hook_result`` when
+        cached, otherwise ``attn.hook_z`` times ``W_O``, layer scale included). ``incl_remainder`` appends
+        residual minus all heads.
         """
         layer = self._layer(layer)
+        if layer == 0:
+            raise ValueError("stack_head_results needs layer >= 1 (there are no heads before block 0).")
+        stream = self._stream
         parts, labels = [], []
         for i in range(layer):
-            name = f"blocks.{i}.attn.hook_result"
-            if name in self.cache_dict:
-                result = self.cache_dict[name]
-            else:
-                z = self[f"blocks.{i}.attn.hook_z"]  # [(B,) T, h, dh]
-                w_o = self.model.W_O[i].to(z.device, z.dtype)  # [h, dh, d]
-                result = torch.einsum("...thd,hdm->...thm", z, w_o)
+            result = stream.head_results(i, self)  # [(B,) T, h, d]
             result = _slice_pos(result.movedim(-2, 0), pos_slice)  # [h, (B,) T, d]
             parts.append(result)
             labels += [f"L{i}H{h}" for h in range(result.shape[0])]
-        if not parts:
-            raise ValueError("stack_head_results needs layer >= 1 (there are no heads before block 0).")
         stack = torch.cat(parts, dim=0)
         if incl_remainder:
             remainder = _slice_pos(self._resid_at(layer), pos_slice) - stack.sum(0)
@@ -286,12 +317,11 @@ class ActivationCache:
         components of a full decomposition still sum to the real LayerNorm output.
         """
         layer = self._layer(layer)
-        ln = self._ln_at(layer, mlp_input)
-        resid = _slice_pos(self._resid_at(layer, mlp_input), pos_slice)
-        scale_name = f"{self._ln_name(layer, mlp_input)}.hook_scale"
-        if scale_name in self.cache_dict:
-            scale = _slice_pos(self.cache_dict[scale_name], pos_slice)
+        ln = self._norm_at(layer, mlp_input)
+        if ln.scale_hook is not None and ln.scale_hook in self.cache_dict:
+            scale = _slice_pos(self.cache_dict[ln.scale_hook], pos_slice)
         else:
+            resid = _slice_pos(self._resid_at(layer, mlp_input), pos_slice)
             centred = resid - resid.mean(-1, keepdim=True)
             scale = (centred.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
         out = (residual_stack - residual_stack.mean(-1, keepdim=True)) / scale
@@ -300,20 +330,3 @@ class ActivationCache:
         if include_bias and ln.bias is not None:
             out = out + ln.bias.to(out.dtype) / residual_stack.shape[0]
         return out
-
-    def _ln_name(self, layer: int, mlp_input: bool) -> str:
-        if layer == self._n_layers:
-            return "ln_final"
-        return f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}"
-
-    def _ln_at(self, layer: int, mlp_input: bool) -> Any:
-        if layer == self._n_layers:
-            ln = getattr(self.model, "ln_final", None)
-            if ln is None or not hasattr(ln, "eps"):
-                raise ValueError(
-                    "This model has no final LayerNorm over all tokens (it normalises after pooling, fc_norm); "
-                    "apply_ln_to_stack at the final layer is undefined. Pass a block index instead."
-                )
-            return ln
-        block = self.model.blocks[layer]
-        return block.ln2 if mlp_input else block.ln1

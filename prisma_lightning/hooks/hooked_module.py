@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -28,46 +28,82 @@ class HookedModule(nn.Module):
     """
 
     hook_dict: dict[str, HookPoint]
+    hook_aliases: dict[str, str]
 
-    def setup_hooks(self) -> None:
-        """Name every HookPoint after its dotted module path and index them in ``hook_dict``."""
+    def setup_hooks(self, aliases: Mapping[str, str] | None = None) -> None:
+        """Name every HookPoint after its dotted module path and index them in ``hook_dict``.
+
+        Args:
+            aliases: other names for some hooks, ``{alias: canonical name}`` (e.g. another library's names, so
+                its configs work unchanged). An alias is accepted wherever a hook name is, and a cache holding
+                the canonical hook answers to the alias too.
+        """
         self.hook_dict = {}
         for name, module in self.named_modules():
             if isinstance(module, HookPoint):
                 module.name = name
                 self.hook_dict[name] = module
+        self.hook_aliases = {}
+        for alias, target in (aliases or {}).items():
+            if alias in self.hook_dict:
+                raise ValueError(f"Hook alias {alias!r} is already the name of a hook point; pick another alias.")
+            if target not in self.hook_dict:
+                raise ValueError(
+                    f"Hook alias {alias!r} points to {target!r}, which is not a hook of {type(self).__name__}; "
+                    "alias an existing hook point."
+                )
+            self.hook_aliases[alias] = target
         self._context_level = 0
 
     def hook_points(self) -> Iterable[HookPoint]:
         return self.hook_dict.values()
 
     # ------------------------------------------------------------------ name resolution
+    def canonical_hook_name(self, name: str) -> str:
+        """``name`` with an alias replaced by the hook name it stands for (any other name is returned unchanged)."""
+        return getattr(self, "hook_aliases", {}).get(name, name)
+
     def _unknown_hook(self, name: str) -> KeyError:
-        close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.4)
+        valid = [*self.hook_dict, *getattr(self, "hook_aliases", {})]
+        close = difflib.get_close_matches(name, valid, n=5, cutoff=0.4)
         hint = f" Closest valid names: {close}." if close else ""
         return KeyError(
             f"Unknown hook name {name!r} on {type(self).__name__} ({len(self.hook_dict)} hooks).{hint} "
-            "List them all with `list(model.hook_dict)`."
+            "List them all with `list(model.hook_dict)` (aliases: `model.hook_aliases`)."
         )
 
+    def _point(self, name: str) -> HookPoint:
+        point = self.hook_dict.get(self.canonical_hook_name(name))
+        if point is None:
+            raise self._unknown_hook(name)
+        return point
+
     def resolve_hooks(self, names: NamesFilter) -> list[HookPoint]:
-        """HookPoints selected by a name, a list of names, a predicate, or None (all of them)."""
+        """HookPoints selected by a name, a list of names, a predicate, or None (all of them).
+
+        Aliases count as names: a predicate selects a point when it accepts its name or any of its aliases.
+        Each point is returned once, in the order first selected.
+        """
         if names is None:
             return list(self.hook_dict.values())
         if isinstance(names, str):
-            if names not in self.hook_dict:
-                raise self._unknown_hook(names)
-            return [self.hook_dict[names]]
+            return [self._point(names)]
         if callable(names):
-            return [hp for name, hp in self.hook_dict.items() if names(name)]
-        points = []
+            aliases_of: dict[str, list[str]] = {}
+            for alias, target in getattr(self, "hook_aliases", {}).items():
+                aliases_of.setdefault(target, []).append(alias)
+            return [
+                hp
+                for name, hp in self.hook_dict.items()
+                if names(name) or any(names(alias) for alias in aliases_of.get(name, ()))
+            ]
+        points: dict[str, HookPoint] = {}
         for name in names:
             if not isinstance(name, str):
                 raise TypeError(f"Hook names must be strings, got {type(name).__name__} ({name!r}).")
-            if name not in self.hook_dict:
-                raise self._unknown_hook(name)
-            points.append(self.hook_dict[name])
-        return points
+            point = self._point(name)
+            points.setdefault(point.name, point)
+        return list(points.values())
 
     # ------------------------------------------------------------------ adding and removing hooks
     def add_hook(

@@ -1,13 +1,15 @@
 """Interpretability tools for HookedViT: logit lens, direct logit attribution, activation patching, attention
 visualisation and SAE analysis (splicing, steering, max-activating images).
 
-Plots are matplotlib ``Figure`` objects built without pyplot (save them with ``fig.savefig``); the attention
-viewer and the emoji lens also write standalone HTML. matplotlib is imported only when a plot is made.
+Plots are matplotlib ``Figure`` objects built without pyplot (save them atomically with :func:`save_figure`); the
+attention viewer and the emoji lens also write standalone HTML (:func:`save_attention_html`,
+:func:`save_emoji_logit_lens_html`). Every file is written atomically. matplotlib is imported only when a plot is
+made.
 """
 
 from __future__ import annotations
 
-from prisma_lightning.interp._common import TokenLayout, imagenet_emoji, token_layout
+from prisma_lightning.interp._common import TokenLayout, imagenet_emoji, save_figure, token_layout
 from prisma_lightning.interp.attention_viz import (
     attention_html,
     attention_patterns,
@@ -22,6 +24,7 @@ from prisma_lightning.interp.logit_lens import (
     plot_emoji_logit_lens,
     plot_logit_lens_grid,
     plot_logit_lens_heatmap,
+    save_emoji_logit_lens_html,
     unembed_pooled,
     unembed_tokens,
 )
@@ -59,6 +62,8 @@ __all__ = [
     "plot_patching",
     "plot_top_activating",
     "save_attention_html",
+    "save_emoji_logit_lens_html",
+    "save_figure",
     "save_top_activating",
     "splice_hooks",
     "splice_saes",

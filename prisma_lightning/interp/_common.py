@@ -1,12 +1,14 @@
 """Helpers shared by the interpretability tools: token layout, images for display, package data and fonts.
 
-Token order in a HookedViT (DESIGN.md): class token (if any), register tokens (if any), then patches row-major;
-video models have time-major tubelets, so patch ``p`` sits at time ``p // (gh * gw)``, row ``(p // gw) % gh``.
+Token order of every backbone (``HookedBackbone``, DESIGN.md): class token (if any), register tokens (if any), then
+patches row-major; video models have time-major tubelets, so patch ``p`` sits at time ``p // (gh * gw)``, row
+``(p // gw) % gh``. The helpers read only the backbone's ``cfg`` (token layout) and ``parameters()``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections.abc import Sequence
 from functools import cache
@@ -19,7 +21,7 @@ import torch
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from prisma_lightning.backbones.hooked_vit import HookedViT
+    from prisma_lightning.backbones.protocol import HookedBackbone
 
 _PACKAGE = "prisma_lightning.interp"  # its data/ folder is package data (pyproject: "data/*")
 
@@ -77,7 +79,7 @@ class TokenLayout(NamedTuple):
         return f"t{t} ({r},{c})" if self.n_time > 1 else f"({r},{c})"
 
 
-def token_layout(model: HookedViT, grid: tuple[int, int] | None = None) -> TokenLayout:
+def token_layout(model: HookedBackbone, grid: tuple[int, int] | None = None) -> TokenLayout:
     """The :class:`TokenLayout` of ``model`` at its native image size (or at patch ``grid``)."""
     cfg = model.cfg
     return TokenLayout(
@@ -90,7 +92,7 @@ def token_layout(model: HookedViT, grid: tuple[int, int] | None = None) -> Token
     )
 
 
-def layout_for_tokens(model: HookedViT, n_tokens: int) -> TokenLayout:
+def layout_for_tokens(model: HookedBackbone, n_tokens: int) -> TokenLayout:
     """The layout of a sequence of ``n_tokens`` (square grids at other image sizes are inferred)."""
     layout = token_layout(model)
     if n_tokens == layout.n_tokens:
@@ -106,7 +108,7 @@ def layout_for_tokens(model: HookedViT, n_tokens: int) -> TokenLayout:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def as_batch(model: HookedViT, images: torch.Tensor) -> torch.Tensor:
+def as_batch(model: HookedBackbone, images: torch.Tensor) -> torch.Tensor:
     """Add a batch dimension to a single image ``[C, H, W]`` (clip ``[T, C, H, W]``) and move it to the model."""
     param = next(model.parameters())
     single = 4 if model.cfg.is_video else 3
@@ -161,12 +163,62 @@ def read_template(name: str) -> str:
     return resources.files(_PACKAGE).joinpath("data").joinpath(name).read_text(encoding="utf-8")
 
 
+# ---------------------------------------------------------------------------------------------- HTML output
+_SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_SCRIPT_UNSAFE = re.compile("[<>&\u2028\u2029]")
+
+
+def script_json(value: Any) -> str:
+    """``value`` as JSON that is safe inside an HTML ``<script>`` element (also ``type="application/json"``).
+
+    Non-ASCII characters, ``<``, ``>``, ``&``, U+2028 and U+2029 are written as ``\\uXXXX`` escapes (they can
+    only occur inside JSON strings), so no text such as ``</script>`` or ``<!--<script>`` can end or re-open the
+    element, and ``JSON.parse`` of the element's text gives ``value`` back.
+    """
+    text = json.dumps(value, ensure_ascii=True, allow_nan=False)  # lone surrogates become escapes too
+    return _SCRIPT_UNSAFE.sub(lambda m: _SCRIPT_ESCAPES[m.group(0)], text)
+
+
+def fill_template(template: str, values: dict[str, str]) -> str:
+    """Replace every placeholder (the keys of ``values``, e.g. ``__TITLE__``) in ``template`` in a single pass.
+
+    Substituted text is never searched again, so a value that contains a placeholder stays as it is. Values are
+    inserted verbatim: escape them for their context first (:func:`html.escape`, :func:`script_json`).
+
+    Args:
+        template: the page text.
+        values: placeholder -> replacement; every placeholder must occur in ``template``.
+    """
+    missing = [key for key in values if key not in template]
+    if missing or not values:
+        raise ValueError(
+            f"Placeholders {missing or '(none given)'} do not occur in the template; pass the template's "
+            "placeholders (or reinstall the package if its data files were changed)."
+        )
+    pattern = re.compile("|".join(re.escape(key) for key in sorted(values, key=len, reverse=True)))
+    return pattern.sub(lambda m: values[m.group(0)], template)
+
+
 # ---------------------------------------------------------------------------------------------- plotting
 def new_figure(width: float, height: float) -> Any:
     """A matplotlib Figure not attached to pyplot (no global state, no GUI backend needed)."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 120, **kwargs: Any) -> Path:
+    """Save a figure of these tools atomically (a crash mid-write leaves any previous file as it was).
+
+    Args:
+        fig: a matplotlib Figure, e.g. from :func:`~prisma_lightning.interp.plot_dla`.
+        path: the target file; the format comes from its suffix (``.png``, ``.pdf``, ``.svg``, ...).
+        dpi: resolution of raster formats.
+        kwargs: passed to ``Figure.savefig``.
+    """
+    from prisma_lightning.utils import save_figure_atomic
+
+    return save_figure_atomic(fig, path, dpi=dpi, **kwargs)
 
 
 _EMOJI_FONT_FILES = (

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -24,21 +23,24 @@ from prisma_lightning.interp._common import (
     TokenLayout,
     as_batch,
     display_image,
+    fill_template,
     layout_for_tokens,
     new_figure,
     read_template,
+    script_json,
     upsample_grid,
 )
+from prisma_lightning.utils import atomic_write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from prisma_lightning.backbones.hooked_vit import HookedViT
+    from prisma_lightning.backbones.protocol import HookedBackbone
 
 Query = int | Literal["cls", "mean"]
 
 
-def _layers(model: HookedViT, layers: Sequence[int] | None) -> list[int]:
+def _layers(model: HookedBackbone, layers: Sequence[int] | None) -> list[int]:
     n = model.cfg.n_layers
     chosen = list(range(n)) if layers is None else [i % n for i in layers]
     bad = [i for i in (layers or []) if not -n <= i < n]
@@ -48,7 +50,7 @@ def _layers(model: HookedViT, layers: Sequence[int] | None) -> list[int]:
 
 
 @torch.no_grad()
-def attention_patterns(model: HookedViT, images: Tensor, layers: Sequence[int] | None = None) -> Tensor:
+def attention_patterns(model: HookedBackbone, images: Tensor, layers: Sequence[int] | None = None) -> Tensor:
     """Attention patterns ``[n_layers, B, n_heads, T, T]`` (query, key) of ``images`` for the chosen ``layers``."""
     images = as_batch(model, images)
     chosen = _layers(model, layers)
@@ -71,7 +73,7 @@ def _query_index(layout: TokenLayout, query: Query) -> int | None:
 
 
 def plot_attention_heads(
-    model: HookedViT,
+    model: HookedBackbone,
     image: Tensor,
     query: Query | None = None,
     layers: Sequence[int] | None = None,
@@ -131,7 +133,7 @@ def _b64(array: np.ndarray) -> str:
 
 
 def attention_html(
-    model: HookedViT,
+    model: HookedBackbone,
     image: Tensor,
     layers: Sequence[int] | None = None,
     title: str | None = None,
@@ -157,7 +159,7 @@ def attention_html(
     height, width = rgb.shape[:2]
     prefix_labels = [layout.token_label(i) for i in range(layout.n_prefix)]
     payload = {
-        "title": title or f"Attention of {model.cfg.model_name or 'HookedViT'}",
+        "title": title or f"Attention of {model.cfg.model_name or type(model).__name__}",
         "layers": chosen,
         "n_heads": int(pattern.shape[1]),
         "n_tokens": int(pattern.shape[-1]),
@@ -171,14 +173,14 @@ def attention_html(
         "attn": _b64(quantised.numpy()),
         "rowmax": _b64(rowmax.numpy().astype("<f4")),
     }
-    data = json.dumps(payload).replace("</", "<\\/")  # keep the JSON inside its <script> element
-    page = read_template("attention.html")
-    return page.replace("__TITLE__", html.escape(payload["title"])).replace("__DATA__", data)
+    # The title goes into <title> as escaped text and into the JSON of the payload <script> element, escaped so
+    # that no text ("</script>", "<!--<script>") can end or re-open it; one pass fills both placeholders, so a
+    # title containing "__DATA__" is not substituted again.
+    values = {"__TITLE__": html.escape(payload["title"]), "__DATA__": script_json(payload)}
+    return fill_template(read_template("attention.html"), values)
 
 
-def save_attention_html(path: str | Path, model: HookedViT, image: Tensor, **kwargs) -> Path:
-    """Write :func:`attention_html` to ``path`` (UTF-8); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(attention_html(model, image, **kwargs), encoding="utf-8")
-    return path
+def save_attention_html(path: str | Path, model: HookedBackbone, image: Tensor, **kwargs) -> Path:
+    """Write :func:`attention_html` to ``path`` (UTF-8, atomically: the old file stays until the new one is
+    complete); ``kwargs`` go to :func:`attention_html`. Returns the path."""
+    return atomic_write_text(path, attention_html(model, image, **kwargs))

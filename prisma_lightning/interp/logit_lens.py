@@ -1,7 +1,8 @@
 """Logit lens: read class logits off the residual stream after every block, for every token.
 
-The residual stream entering each block (and the final one) is sent through the model's own output path:
-``ln_final`` (weight and bias), pooling, ``fc_norm``, the head (``W_U``, ``b_U``) and, for CLIP-style models, a
+The residual stream entering each block (and the final one) is sent through the model's own output path (the
+backbone's ``forward_head`` / ``forward_head_tokens``; for a HookedViT: ``ln_final`` with weight and bias, pooling,
+``fc_norm``, the head ``W_U``, ``b_U``) and, for CLIP-style models, a
 :class:`~prisma_lightning.backbones.ZeroShotClassifier` on the projected embedding. Two readings per layer:
 
 * **per token** (``logits [L, B, T, C]``): every token is read as if it were the pooled vector. With class-token
@@ -13,7 +14,8 @@ The residual stream entering each block (and the final one) is sent through the 
 
 Video models read the same way; tokens are time-major tubelets (see :class:`~prisma_lightning.interp.TokenLayout`).
 Plots: :func:`plot_logit_lens_heatmap` (layer x token), :func:`plot_logit_lens_grid` (top label per patch over the
-image) and the emoji lens (:func:`plot_emoji_logit_lens`, :func:`emoji_logit_lens_html`; ViT-Prisma's emoji table).
+image) and the emoji lens (:func:`plot_emoji_logit_lens`, :func:`emoji_logit_lens_html`,
+:func:`save_emoji_logit_lens_html`; ViT-Prisma's emoji table).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import html
 import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -41,11 +44,12 @@ from prisma_lightning.interp._common import (
     short_label,
     warn_no_emoji_font,
 )
+from prisma_lightning.utils import atomic_write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from prisma_lightning.backbones.hooked_vit import HookedViT
+    from prisma_lightning.backbones.protocol import HookedBackbone
 
 Classifier = Callable[[Tensor], Tensor]
 """Maps the model's output ``[..., d_out]`` to class logits (a ZeroShotClassifier, a linear probe, ...)."""
@@ -88,51 +92,31 @@ class LogitLens:
 
 
 # ---------------------------------------------------------------------------------------------- unembedding
-def _attn_pool_per_token(model: HookedViT, x: Tensor) -> Tensor:
-    """``[..., d]`` -> ``[..., d_pool]``: the attention pool applied with all its attention on each single token."""
-    lead = x.shape[:-1]
-    pooled = model.attn_pool(x.reshape(-1, 1, x.shape[-1]))  # softmax over one key is 1
-    return pooled.reshape(*lead, pooled.shape[-1])
-
-
-def unembed_tokens(model: HookedViT, resid: Tensor, classifier: Classifier | None = None) -> Tensor:
-    """Logits ``[..., n_classes]`` of residual-stream vectors ``[..., d_model]``, each read as the pooled vector.
-
-    Applies ``ln_final`` (with weight and bias), the attention pool to the single token (``pool='attn'``),
-    ``fc_norm``, the head (and its tanh) and then ``classifier`` if given.
-    """
-    x = resid
-    if model.ln_final is not None:
-        x = model.ln_final(x)
-    if model.attn_pool is not None:
-        x = _attn_pool_per_token(model, x)
-    if model.fc_norm is not None:
-        x = model.fc_norm(x)
-    return _head(model, x, classifier)
-
-
-def _head(model: HookedViT, pooled: Tensor, classifier: Classifier | None) -> Tensor:
-    if model.head is not None:
-        pooled = model.head(pooled)
-        if model.cfg.head_act == "tanh":
-            pooled = torch.tanh(pooled)
-    elif classifier is None:
+def _require_read_out(model: HookedBackbone, classifier: Classifier | None) -> None:
+    if classifier is None and model.cfg.head == "none":
         raise ValueError(
             "This model has no head (cfg.head='none'), so its residual stream has no class logits; pass a "
             "classifier (e.g. a linear probe nn.Linear(d_model, n_classes)) to read logits through."
         )
-    return classifier(pooled) if classifier is not None else pooled
 
 
-def unembed_pooled(model: HookedViT, resid: Tensor, classifier: Classifier | None = None) -> Tensor:
-    """Logits ``[B, n_classes]`` of a whole residual stream ``[B, T, d]`` through the model's own head path."""
-    x = resid
-    if model.ln_final is not None:
-        x = model.ln_final(x)
-    x = model.pool(x)
-    if model.fc_norm is not None:
-        x = model.fc_norm(x)
-    return _head(model, x, classifier)
+def unembed_tokens(model: HookedBackbone, resid: Tensor, classifier: Classifier | None = None) -> Tensor:
+    """Logits ``[..., n_classes]`` of residual-stream vectors ``[..., d_model]``, each read as the pooled vector.
+
+    Uses the backbone's ``forward_head_tokens`` (for a HookedViT: ``ln_final`` with weight and bias, the attention
+    pool on the single token with ``pool='attn'``, ``fc_norm``, the head and its tanh), then ``classifier`` if given.
+    """
+    _require_read_out(model, classifier)
+    out = model.forward_head_tokens(resid)
+    return classifier(out) if classifier is not None else out
+
+
+def unembed_pooled(model: HookedBackbone, resid: Tensor, classifier: Classifier | None = None) -> Tensor:
+    """Logits ``[B, n_classes]`` of a whole residual stream ``[B, T, d]`` through the model's own head path
+    (the backbone's ``forward_head``), then ``classifier`` if given."""
+    _require_read_out(model, classifier)
+    out = model.forward_head(resid)
+    return classifier(out) if classifier is not None else out
 
 
 def default_class_names(n_classes: int, classifier: Any = None) -> list[str]:
@@ -154,7 +138,7 @@ def default_class_names(n_classes: int, classifier: Any = None) -> list[str]:
 
 @torch.no_grad()
 def logit_lens(
-    model: HookedViT,
+    model: HookedBackbone,
     images: Tensor,
     classifier: Classifier | None = None,
     class_names: Sequence[str] | None = None,
@@ -163,7 +147,7 @@ def logit_lens(
     """Run the logit lens on ``images [B, C, H, W]`` (video ``[B, T, C, H, W]``; a single image is batched).
 
     Args:
-        model: any HookedViT with a head, or with ``classifier`` reading its output.
+        model: any HookedBackbone with a head, or with ``classifier`` reading its output.
         images: model inputs.
         classifier: maps the head output to class logits, e.g. a ZeroShotClassifier for CLIP models (whose head
             is the projection) or a linear probe for headless models.
@@ -172,11 +156,12 @@ def logit_lens(
     """
     images = as_batch(model, images)
     n_layers = model.cfg.n_layers
-    names = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
-    if incl_mid and not model.cfg.attn_only:
-        names += [f"blocks.{i}.hook_resid_mid" for i in range(n_layers)]
+    incl_mid = incl_mid and not model.cfg.attn_only
+    names = [model.resid_hook_name(i) for i in range(n_layers + 1)]
+    if incl_mid:
+        names += [model.resid_hook_name(i, mlp_input=True) for i in range(n_layers)]
     _, cache = model.run_with_cache(images, names_filter=names)
-    stack, labels = cache.accumulated_resid(incl_mid=incl_mid and not model.cfg.attn_only, return_labels=True)
+    stack, labels = cache.accumulated_resid(incl_mid=incl_mid, return_labels=True)
     logits = unembed_tokens(model, stack, classifier).float()  # [L, B, T, C]
     pooled = torch.stack([unembed_pooled(model, resid, classifier) for resid in stack]).float()  # [L, B, C]
     n_classes = logits.shape[-1]
@@ -377,7 +362,8 @@ def emoji_logit_lens_html(
 ) -> str:
     """A standalone HTML page (no external resources) with the emoji logit lens of one image, one panel per layer.
 
-    Hovering a cell shows the class name and probability (the ``title`` tooltip).
+    Hovering a cell shows the class name and probability (the ``title`` tooltip). Class names, emoji and layer
+    labels are HTML-escaped, so any text shows literally.
     """
     layout = lens.layout
     emoji_list = _emoji_list(emoji, len(lens.class_names))
@@ -411,6 +397,12 @@ def emoji_logit_lens_html(
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title><style>{style}</style></head>'
         f"<body><h3>{title}: top class per patch</h3>{''.join(panels)}</body></html>"
     )
+
+
+def save_emoji_logit_lens_html(path: str | Path, lens: LogitLens, images: Tensor, **kwargs: Any) -> Path:
+    """Write :func:`emoji_logit_lens_html` to ``path`` (UTF-8, atomically: the old file stays until the new one is
+    complete); ``kwargs`` go to :func:`emoji_logit_lens_html`. Returns the path."""
+    return atomic_write_text(path, emoji_logit_lens_html(lens, images, **kwargs))
 
 
 def _png_data_uri(picture: Any) -> str:

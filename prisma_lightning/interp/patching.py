@@ -25,7 +25,7 @@ from prisma_lightning.interp._common import as_batch, layout_for_tokens, new_fig
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from prisma_lightning.backbones.hooked_vit import HookedViT
+    from prisma_lightning.backbones.protocol import HookedBackbone
 
 Metric = Callable[[Tensor], Tensor]
 """Maps the model output ``[B, ...]`` to a scalar (a ``[B]`` result is averaged)."""
@@ -93,10 +93,10 @@ class PatchingResult:
         return self.effect / gap
 
 
-def _resolve_hooks(model: HookedViT, hook: str, layers: Sequence[int] | None) -> list[str]:
+def _resolve_hooks(model: HookedBackbone, hook: str, layers: Sequence[int] | None) -> list[str]:
     if "{layer}" in hook:
         names = [hook.format(layer=i) for i in (layers if layers is not None else range(model.cfg.n_layers))]
-    elif hook in model.hook_dict:
+    elif "." in hook or hook.startswith("hook_"):  # a full hook name or an alias (act_name's rule), not a shorthand
         if layers is not None:
             raise ValueError(f"{hook!r} is a single hook; pass a shorthand ('resid_pre') or a template to use layers.")
         names = [hook]
@@ -133,7 +133,7 @@ def _index(ndim: int, pos_dim: int | None, head_dim: int | None, pos: int | None
 
 @torch.no_grad()
 def activation_patching(
-    model: HookedViT,
+    model: HookedBackbone,
     clean: Tensor,
     corrupted: Tensor,
     hook: str = "resid_pre",
@@ -148,7 +148,7 @@ def activation_patching(
     """Patch ``hook`` from one run into the other, one patch at a time, and record ``metric`` for each.
 
     Args:
-        model: any HookedViT (images ``[B, C, H, W]`` or video ``[B, T, C, H, W]``).
+        model: any HookedBackbone (images ``[B, C, H, W]`` or video ``[B, T, C, H, W]``).
         clean, corrupted: inputs of the same shape.
         hook: a shorthand (``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``, ``z``, ``q``,
             ``k``, ``v``, ``pattern``, ``result``), a template with ``{layer}``, or one full hook name.
@@ -221,7 +221,7 @@ def activation_patching(
     )
 
 
-def plot_patching(result: PatchingResult, model: HookedViT | None = None, normalize: bool = True) -> Figure:
+def plot_patching(result: PatchingResult, model: HookedBackbone | None = None, normalize: bool = True) -> Figure:
     """Heatmap of a patching sweep; with ``model`` and ``by='position'`` also each layer's effect over the patches.
 
     ``normalize`` shows ``(patched - baseline) / (source - baseline)`` (1 = fully restored) when the runs differ.

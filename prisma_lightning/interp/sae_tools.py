@@ -1,7 +1,7 @@
 """SAEs inside the model: splice reconstructions in, steer with a feature, find each feature's top images.
 
-* :func:`splice_saes` (also ``HookedViT.saes``): a context manager that replaces the activation at each SAE's
-  ``cfg.hook_name`` by its reconstruction, at the token positions the SAE was trained on (``cfg.tokens``).
+* :func:`splice_saes` (``with splice_saes(model, [sae]): ...``): a context manager that replaces the activation at
+  each SAE's ``cfg.hook_name`` by its reconstruction, at the token positions the SAE was trained on (``cfg.tokens``).
   Transcoders read ``hook_name`` and replace ``hook_name_out``. ``include_error=True`` adds the reconstruction
   error back as a constant, so outputs are unchanged while gradients flow through the SAE's features.
 * :func:`feature_steering`: forward hooks that add ``scale`` times a feature's decoder direction (or clamp the
@@ -10,6 +10,8 @@
   activation on every patch; :func:`plot_top_activating` draws them as an image grid.
 
 Activations of per-head hooks (``hook_z [B, T, h, dh]``) are flattened to ``h * dh`` when that is the SAE's width.
+Everything here needs only the :class:`~prisma_lightning.backbones.protocol.HookedBackbone` interface (hooks,
+``cfg.class_token``, ``cfg.n_prefix_tokens``, ``stop_layer_for``), so it works on any backbone that provides it.
 """
 
 from __future__ import annotations
@@ -30,17 +32,18 @@ from prisma_lightning.interp._common import (
     token_layout,
     upsample_grid,
 )
+from prisma_lightning.utils import save_figure_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from prisma_lightning.backbones.hooked_vit import HookedViT
+    from prisma_lightning.backbones.protocol import HookedBackbone
 
 HookSpec = tuple[str, Callable[..., Any]]
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
-def _hooks_of(sae: nn.Module, model: HookedViT) -> tuple[str, str]:
+def _hooks_of(sae: nn.Module, model: HookedBackbone) -> tuple[str, str]:
     """(input hook, output hook) of an SAE (the same hook) or a transcoder."""
     cfg = getattr(sae, "cfg", None)
     hook_in = getattr(cfg, "hook_name", "")
@@ -54,7 +57,7 @@ def _hooks_of(sae: nn.Module, model: HookedViT) -> tuple[str, str]:
     return hook_in, hook_out
 
 
-def _positions(sae: nn.Module, model: HookedViT) -> slice:
+def _positions(sae: nn.Module, model: HookedBackbone) -> slice:
     tokens = getattr(sae.cfg, "tokens", "all")
     if tokens == "cls":
         if not model.cfg.class_token:
@@ -128,7 +131,7 @@ def _rewrite_hooks(
 
 
 # ---------------------------------------------------------------------------------------------- splicing
-def splice_hooks(model: HookedViT, sae: nn.Module, include_error: bool = False) -> list[HookSpec]:
+def splice_hooks(model: HookedBackbone, sae: nn.Module, include_error: bool = False) -> list[HookSpec]:
     """The forward hooks :func:`splice_saes` adds for one SAE or transcoder (usable with ``run_with_hooks``)."""
     hook_in, hook_out = _hooks_of(sae, model)
 
@@ -141,11 +144,11 @@ def splice_hooks(model: HookedViT, sae: nn.Module, include_error: bool = False) 
 
 @contextmanager
 def splice_saes(
-    model: HookedViT, saes: nn.Module | Sequence[nn.Module], include_error: bool = False
-) -> Iterator[HookedViT]:
+    model: HookedBackbone, saes: nn.Module | Sequence[nn.Module], include_error: bool = False
+) -> Iterator[HookedBackbone]:
     """Within the context, ``model``'s forward pass runs with each SAE's reconstruction in place of its activation.
 
-    ``with model.saes([sae]): logits = model(images)``. SAEs apply in the order given (a later SAE on the same
+    ``with splice_saes(model, [sae]): logits = model(images)``. SAEs apply in the order given (a later SAE on the same
     hook reads the earlier one's output). ``include_error=True`` adds ``activation - reconstruction`` back as a
     constant: outputs equal the plain model's (up to float rounding) and gradients still pass through the SAE.
     The SAEs run in their current train/eval mode (call ``sae.eval()`` for inference thresholds).
@@ -164,7 +167,7 @@ def feature_steering(
     feature: int | Sequence[int],
     scale: float | Sequence[float],
     mode: Literal["add", "clamp"] = "add",
-    model: HookedViT | None = None,
+    model: HookedBackbone | None = None,
 ) -> list[HookSpec]:
     """Forward hooks that steer the model with SAE features; pass them as ``fwd_hooks=`` (or to ``model.hooks``).
 
@@ -265,7 +268,7 @@ def _feature_acts(sae: nn.Module, acts: Tensor, features: Tensor, chunk: int = 4
 @torch.no_grad()
 def top_activating(
     sae: nn.Module,
-    model: HookedViT,
+    model: HookedBackbone,
     datamodule: Any,
     features: Sequence[int],
     k: int = 9,
@@ -358,8 +361,6 @@ def plot_top_activating(result: TopActivating, alpha: float = 0.55, time: int = 
 
 
 def save_top_activating(result: TopActivating, path: str | Path, dpi: int = 120) -> Path:
-    """Save :func:`plot_top_activating` as an image file (format from the suffix, e.g. ``.png``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plot_top_activating(result).savefig(path, dpi=dpi)
-    return path
+    """Save :func:`plot_top_activating` as an image file (format from the suffix, e.g. ``.png``), atomically: a
+    crash mid-write leaves any previous file as it was. Returns the path."""
+    return save_figure_atomic(plot_top_activating(result), path, dpi=dpi)

@@ -30,7 +30,7 @@ class L0(Metric):
 
     def update(self, feats: Tensor) -> None:
         rows = _rows(feats)
-        self.active += (rows != 0).sum().double()
+        self.active += (rows.abs() > 0).sum().double()  # NaN is not active (a diverged SAE must not look sparse-ok)
         self.tokens += rows.shape[0]
 
     def update_counts(self, l0: Tensor) -> None:
@@ -146,7 +146,7 @@ class FeatureFiring(Metric):
         rows = _rows(feats)
         if rows.shape[1] != self.d_sae:
             raise ValueError(f"Expected features of width d_sae={self.d_sae}, got {rows.shape[1]}.")
-        self.counts += (rows != 0).sum(0).double()
+        self.counts += (rows.abs() > 0).sum(0).double()  # NaN never counts as firing
         self.tokens += rows.shape[0]
 
     def update_sparse(self, indices: Tensor, n_tokens: int) -> None:

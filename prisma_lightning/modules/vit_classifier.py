@@ -8,7 +8,9 @@ Optimisation: AdamW (weight decay on matrices only, not on biases, norms, tokens
 linear warm-up then cosine decay to ``min_lr_ratio * lr`` over the run, stepped every optimizer step.
 Metrics: cross-entropy (optionally label-smoothed) and torchmetrics top-1 / top-5 accuracy per split
 (``train/acc``, ``val/acc``, ``val/acc_top5``, ...). At the end of fit the trained model is written with
-``HookedViT.save_pretrained`` (``config.json`` + ``model.safetensors``) to ``export_dir`` on rank 0.
+``HookedViT.save_pretrained`` (``config.json`` + ``model.safetensors``) to ``export_dir`` (default
+``<log_dir>/model``) by rank 0; every rank resolves that folder in ``setup``, since finding the log folder is a
+collective call under DDP.
 
 Hyperparameters are stored as plain types (the model as ``cfg.to_dict()``), so checkpoints load with
 ``torch.load(weights_only=True)`` and ``ViTClassifierModule.load_from_checkpoint(path)`` rebuilds the model.
@@ -83,6 +85,7 @@ class ViTClassifierModule(pl.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, (float(betas[0]), float(betas[1]))
         self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
         self.label_smoothing, self.export_dir, self.check_data = label_smoothing, export_dir, check_data
+        self._export_path: Path | None = None  # resolved in setup("fit")
         self.train_metrics = self.build_metrics(cfg.n_classes)
         self.val_metrics = self.build_metrics(cfg.n_classes)
         self.test_metrics = self.build_metrics(cfg.n_classes)
@@ -147,8 +150,13 @@ class ViTClassifierModule(pl.LightningModule):
         return getattr(self, f"{stage}_metrics")
 
     def setup(self, stage: str) -> None:
-        if self.check_data and self._trainer is not None:
+        if self._trainer is None:
+            return
+        if self.check_data:
             self.check_datamodule(getattr(self.trainer, "datamodule", None))
+        if stage == "fit":
+            # On every rank: under DDP, trainer.log_dir is a collective (rank 0's folder is broadcast).
+            self._export_path = Path(self.export_dir) if self.export_dir else self.default_export_dir()
 
     def check_datamodule(self, datamodule: Any) -> None:
         """Fail before training when the data module's classes, channels or image size do not fit the model."""
@@ -264,8 +272,13 @@ class ViTClassifierModule(pl.LightningModule):
         return self.model.save_pretrained(folder)
 
     def default_export_dir(self) -> Path:
+        """``<log_dir>/model`` (``<default_root_dir>/model`` without a logger). A collective call under DDP."""
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model"
 
     def on_fit_end(self) -> None:
+        """Export the trained model on rank 0, to the folder every rank resolved in ``setup``."""
+        folder = getattr(self, "_export_path", None)
+        if folder is None:  # setup("fit") did not run (a custom loop): resolve now, on every rank
+            folder = Path(self.export_dir) if self.export_dir else self.default_export_dir()
         if self.trainer.is_global_zero:
-            self.export(self.export_dir or self.default_export_dir())
+            self.export(folder)

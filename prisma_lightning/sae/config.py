@@ -1,30 +1,33 @@
-"""`SAEConfig` and `TranscoderConfig`: every choice of a sparse autoencoder as a typed, documented field.
+"""`SAEConfig`: the fields every sparse autoencoder shares, and the dispatch to each architecture's own config.
 
-The configs hold only strings, numbers and lists, so they round-trip through JSON (``to_dict`` /
-``from_dict``) and show up field by field in ``prisma fit --help``.
+Each architecture (``prisma_lightning/sae/architectures/<name>.py``) subclasses :class:`SAEConfig` with its own
+documented fields (``TopKConfig.k``, ``ReLUConfig.l1_coefficient``, ...). ``SAEConfig(architecture="topk", k=16)``
+returns a ``TopKConfig``; :meth:`SAEConfig.from_dict` does the same for stored dicts. Configs hold only strings,
+numbers and lists, so they round-trip through JSON and show up field by field in ``prisma fit --help``
+(``--model.sae.help TopKConfig``).
+
+:class:`TranscoderConfig` adds ``d_out`` and ``skip_connection`` to any architecture's config:
+``TranscoderConfig(architecture="topk", k=16, d_out=768)`` returns a ``TopKTranscoderConfig``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 
-Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
-Normalization = Literal["none", "expected_norm", "layer_norm"]
+from . import registry
+
+Normalization = Literal["none", "expected_norm", "layer_norm", "constant_norm_rescale"]
 BDecInit = Literal["zeros", "mean", "geometric_median"]
 DecoderNorm = Literal["unit", "free"]
 Tokens = Literal["all", "cls", "patches"]
-JumpReLUSparsity = Literal["step", "tanh"]
-
-ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
-TOPK_FAMILY: tuple[str, ...] = ("topk", "batchtopk", "matryoshka_batchtopk")
-"""Architectures whose features come from a top-k selection (sparse decode, AuxK loss)."""
-BATCH_TOPK_FAMILY: tuple[str, ...] = ("batchtopk", "matryoshka_batchtopk")
-"""Architectures that select over the whole batch in training and use a learned threshold at inference."""
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -32,6 +35,26 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+
+LEGACY_FIELDS = frozenset(
+    {
+        "k",
+        "l1_coefficient",
+        "l0_coefficient",
+        "jumprelu_bandwidth",
+        "jumprelu_init_threshold",
+        "jumprelu_sparsity_loss",
+        "jumprelu_tanh_scale",
+        "jumprelu_pre_act_coefficient",
+        "matryoshka_prefixes",
+        "aux_k",
+        "aux_k_coefficient",
+        "ghost_grads",
+    }
+)
+"""Fields of the single flat config of earlier versions (every architecture's options in one class). Stored
+configs (``cfg.json``, checkpoints) that carry them for an architecture that does not use them still load: they
+had no effect there."""
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -44,52 +67,123 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
-def _check_choice(field: str, value: Any, choices: tuple[Any, ...]) -> None:
+def check_choice(field: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{field}={value!r} is not valid; choose one of {list(choices)}.")
+        close = registry.closest_names(str(value), [str(c) for c in choices])
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{field}={value!r} is not valid; choose one of {list(choices)}.{hint}")
+
+
+def check_int(field: str, value: Any, minimum: int = 1) -> None:
+    """``ValueError`` unless ``value`` is an integer (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_number(field: str, value: Any, minimum: float = 0.0, strict: bool = False) -> None:
+    """``ValueError`` unless ``value`` is a finite real number >= ``minimum`` (> when ``strict``)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= minimum if strict else value < minimum):
+        relation = ">" if strict else ">="
+        raise ValueError(f"{field} must be a finite number {relation} {minimum}, got {value!r}.")
+
+
+def check_types(config: Any) -> None:
+    """``ValueError`` naming the field when a dataclass field's value does not match its annotation
+    (int, float, bool, str, Literal choices, ``X | None``, ``list[int]``); floats must be finite."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _matches(value, hints.get(f.name, Any)):
+            expected = _describe(hints.get(f.name, Any))
+            raise ValueError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__}).")
+
+
+def coerce_numbers(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with number-like strings turned into numbers for numeric fields (YAML reads ``1e-5`` as text)."""
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for key, value in data.items():
+        hint = hints.get(key)
+        if not isinstance(value, str) or hint is None:
+            continue
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        for kind in (int, float):
+            if kind in options:
+                try:
+                    out[key] = kind(value)
+                    break
+                except ValueError:
+                    continue
+    return out
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        return isinstance(value, list | tuple) and all(_matches(v, args[0]) for v in value) if args else True
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if hint is float:
+        return "a finite number"
+    if hint is int:
+        return "an integer"
+    if hint is bool:
+        return "true or false"
+    if hint is str:
+        return "a string"
+    if origin in (list, tuple):
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    return f"a {getattr(hint, '__name__', str(hint))}"
 
 
 @dataclass
 class SAEConfig:
-    """A sparse autoencoder: its width, architecture, losses, input normalisation and provenance."""
+    """A sparse autoencoder: width, architecture, input normalisation and provenance (fields shared by all
+    architectures; each architecture's config adds its own, e.g. ``k`` or ``l1_coefficient``)."""
 
     d_in: int = 768
     """Width of the activations the SAE reads (the hooked model's ``d_model`` for residual hooks)."""
     d_sae: int | None = None
-    """Number of dictionary features; defaults to ``d_in * expansion_factor`` (``16 * d_in`` if both are unset)."""
+    """Number of dictionary features; defaults to ``d_in * expansion_factor`` (``16 * d_in`` if both are unset).
+    Setting ``d_sae`` on a config that has an ``expansion_factor`` overrides it."""
     expansion_factor: int | None = None
     """Dictionary size as a multiple of ``d_in``; used when ``d_sae`` is not given."""
-    architecture: Architecture = "relu"
-    """Activation and loss family: ``relu`` (L1 penalty), ``topk`` (k per token), ``batchtopk`` (k per token on
-    average over the batch), ``jumprelu`` (learned thresholds, L0 penalty), ``gated`` (gating and magnitude paths),
-    ``matryoshka_batchtopk`` (batchtopk with nested-prefix reconstruction losses)."""
-    k: int = 32
-    """Active features per token for the TopK family (batchtopk: on average, ``k * batch`` in total)."""
-    l1_coefficient: float = 1e-3
-    """Weight of the L1 penalty (relu, gated), ``sum_i f_i * ||W_dec[i]||`` per token, averaged over tokens."""
+    architecture: str = "relu"
+    """Registered architecture name (``relu``, ``topk``, ``batchtopk``, ``jumprelu``, ``gated``,
+    ``matryoshka_batchtopk``, ``panneal``, ``archetypal``, ``matching_pursuit``); selects the config class."""
     l1_warmup_steps: int = 0
-    """Steps over which the sparsity coefficient (L1 or L0) ramps linearly from 0 to its value; 0: no warm-up."""
-    l0_coefficient: float = 1e-3
-    """Weight of the L0 penalty of JumpReLU SAEs (number of active features per token, averaged)."""
-    jumprelu_bandwidth: float = 1e-3
-    """Width of the rectangle kernel of JumpReLU's straight-through estimator (in pre-activation units)."""
-    jumprelu_init_threshold: float = 1e-3
-    """Initial JumpReLU threshold of every feature."""
-    jumprelu_sparsity_loss: JumpReLUSparsity = "step"
-    """JumpReLU penalty: ``step`` is the L0 count with the step-function STE (Rajamanoharan et al.); ``tanh`` is
-    Anthropic's smooth ``sum_i tanh(scale * f_i * ||W_dec[i]||)``, which also trains the encoder directly."""
-    jumprelu_tanh_scale: float = 4.0
-    """``scale`` of the ``tanh`` JumpReLU penalty."""
-    jumprelu_pre_act_coefficient: float = 0.0
-    """JumpReLU: weight of Anthropic's pre-activation loss on dead features, ``sum_i relu(theta_i - z_i) *
-    ||W_dec[i]||`` averaged over tokens, which pulls their pre-activations up to the threshold (0: off)."""
-    matryoshka_prefixes: list[int] | None = None
-    """Prefix lengths of the nested dictionaries of ``matryoshka_batchtopk``, increasing; ``d_sae`` is appended if
-    missing. Default: ``d_sae/16, d_sae/8, d_sae/4, d_sae/2, d_sae``."""
+    """Steps over which the sparsity coefficient ramps linearly from 0 to its value; 0: no warm-up."""
     normalize_activations: Normalization = "none"
     """Input normalisation: ``expected_norm`` scales inputs by one constant so that ``E||x|| = sqrt(d_in)`` (fit
-    with ``fit_normalization``; fold into the weights with ``fold_activation_norm_scaling_factor``); ``layer_norm``
-    standardises each token and un-standardises the reconstruction."""
+    with ``fit_normalization``; folded into the weights when saved); ``layer_norm`` standardises each token and
+    un-standardises the reconstruction; ``constant_norm_rescale`` scales each token to norm ``sqrt(d_in)`` and the
+    reconstruction back (SAELens / ViT-Prisma)."""
     apply_b_dec_to_input: bool = True
     """Subtract ``b_dec`` from the (normalised) input before encoding."""
     b_dec_init: BDecInit = "geometric_median"
@@ -97,20 +191,11 @@ class SAEConfig:
     normalised sample."""
     decoder_norm: DecoderNorm | None = None
     """``unit`` keeps decoder rows at unit norm (the trainer projects gradients and renormalises each step);
-    ``free`` leaves them free (L1-type penalties are weighted by row norms, Anthropic's April 2024 update).
-    Default: ``unit`` for the TopK family, ``free`` for relu, jumprelu and gated."""
+    ``free`` leaves them free (L1-type penalties are weighted by row norms). Default: the architecture's."""
     decoder_init_norm: float | None = None
-    """Norm of the decoder rows at initialisation; default 0.1 for a ``free`` decoder and 1 for ``unit``. The
-    encoder starts as the decoder's transpose, scaled to row norm 0.1 at most for the dense architectures (many
-    features are active at first, and a large encoder would make the first reconstructions explode)."""
-    aux_k: int | None = None
-    """TopK family: dead features used by the AuxK loss to reconstruct the residual; default ``d_in // 2``."""
-    aux_k_coefficient: float = 1 / 32
-    """TopK family: weight of the AuxK loss (0 turns it off)."""
+    """Norm of the decoder rows at initialisation; default 0.1 for a ``free`` decoder and 1 for ``unit``."""
     dead_feature_window: int = 1000
     """Training steps without firing after which a feature counts as dead (AuxK, ghost grads, resampling)."""
-    ghost_grads: bool = False
-    """relu only: add Anthropic's ghost-grads loss for dead features."""
     hook_name: str = ""
     """Hook the SAE reads, e.g. ``blocks.9.hook_resid_post``."""
     hook_name_out: str | None = None
@@ -128,88 +213,71 @@ class SAEConfig:
     seed: int = 42
     """Seed of the weight initialisation."""
 
+    default_decoder_norm: ClassVar[str] = "free"
+    """The architecture's ``decoder_norm`` when the field is left unset."""
+    sparsity_field: ClassVar[str | None] = None
+    """Name of the architecture's sparsity-coefficient field (``l1_coefficient``, ``l0_coefficient``, ...)."""
+    recommended_coefficient: ClassVar[float | None] = None
+    """A good first value of the sparsity coefficient on normalised activations (README table)."""
+
+    # ------------------------------------------------------------------ construction
+    def __new__(cls, *args: Any, **kwargs: Any) -> SAEConfig:
+        target = cls
+        if cls is SAEConfig or cls is TranscoderConfig:
+            architecture = args[3] if len(args) > 3 else kwargs.get("architecture", "relu")
+            target = registry.config_class(str(architecture))
+            if cls is TranscoderConfig:
+                target = transcoder_config_class(target)
+        _check_fields(target, kwargs)
+        return object.__new__(target)
+
     def __post_init__(self) -> None:
-        _check_choice("architecture", self.architecture, ARCHITECTURES)
-        _check_choice("normalize_activations", self.normalize_activations, get_args(Normalization))
-        _check_choice("b_dec_init", self.b_dec_init, get_args(BDecInit))
-        _check_choice("tokens", self.tokens, get_args(Tokens))
-        _check_choice("jumprelu_sparsity_loss", self.jumprelu_sparsity_loss, get_args(JumpReLUSparsity))
-        if self.d_in <= 0:
-            raise ValueError(f"d_in must be positive, got {self.d_in}.")
+        check_types(self)
+        expected = getattr(type(self), "architecture", None)
+        if self.architecture != expected:
+            raise ValueError(
+                f"architecture={self.architecture!r} does not match {type(self).__name__} ({expected!r}); "
+                f"use SAEConfig(architecture={self.architecture!r}, ...)."
+            )
+        check_int("d_in", self.d_in)
+        if self.expansion_factor is not None:
+            check_int("expansion_factor", self.expansion_factor)
         if self.d_sae is None:
-            factor = 16 if self.expansion_factor is None else self.expansion_factor
-            if factor <= 0:
-                raise ValueError(f"expansion_factor must be positive, got {factor}.")
-            self.d_sae = self.d_in * factor
-        elif self.expansion_factor is not None and self.d_sae != self.d_in * self.expansion_factor:
-            raise ValueError(
-                f"d_sae={self.d_sae} disagrees with d_in * expansion_factor = {self.d_in} * {self.expansion_factor}; "
-                "set only one of them."
-            )
-        if self.d_sae <= 0:
-            raise ValueError(f"d_sae must be positive, got {self.d_sae}.")
-        if self.architecture in TOPK_FAMILY and not 0 < self.k <= self.d_sae:
-            raise ValueError(
-                f"k={self.k} must satisfy 0 < k <= d_sae={self.d_sae} for architecture {self.architecture!r}; "
-                "lower k or raise d_sae."
-            )
-        for name in ("l1_coefficient", "l0_coefficient", "aux_k_coefficient", "jumprelu_pre_act_coefficient"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        if self.l1_warmup_steps < 0:
-            raise ValueError(f"l1_warmup_steps must be >= 0, got {self.l1_warmup_steps}.")
-        if self.dead_feature_window <= 0:
-            raise ValueError(f"dead_feature_window must be a positive number of steps, got {self.dead_feature_window}.")
-        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold", "jumprelu_tanh_scale"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+            self.d_sae = self.d_in * (16 if self.expansion_factor is None else self.expansion_factor)
+        check_int("d_sae", self.d_sae)
+        if self.expansion_factor is not None and self.d_sae != self.d_in * self.expansion_factor:
+            self.expansion_factor = None  # d_sae was given explicitly: it wins
+        check_choice("normalize_activations", self.normalize_activations, get_args(Normalization))
+        check_choice("b_dec_init", self.b_dec_init, get_args(BDecInit))
+        check_choice("tokens", self.tokens, get_args(Tokens))
+        check_int("l1_warmup_steps", self.l1_warmup_steps, minimum=0)
+        check_int("dead_feature_window", self.dead_feature_window)
+        check_int("seed", self.seed, minimum=0)
+        if self.context_size is not None:
+            check_int("context_size", self.context_size)
         if self.decoder_norm is None:
-            self.decoder_norm = "unit" if self.architecture in TOPK_FAMILY else "free"
-        _check_choice("decoder_norm", self.decoder_norm, get_args(DecoderNorm))
+            self.decoder_norm = type(self).default_decoder_norm
+        check_choice("decoder_norm", self.decoder_norm, get_args(DecoderNorm))
         if self.decoder_init_norm is None:
             self.decoder_init_norm = 0.1 if self.decoder_norm == "free" else 1.0
-        if self.decoder_init_norm <= 0:
-            raise ValueError(f"decoder_init_norm must be > 0, got {self.decoder_init_norm}.")
-        if self.aux_k is None:
-            self.aux_k = max(1, min(self.d_sae, self.d_in // 2))
-        if not 0 < self.aux_k <= self.d_sae:
-            raise ValueError(f"aux_k={self.aux_k} must satisfy 0 < aux_k <= d_sae={self.d_sae}.")
-        if self.ghost_grads and self.architecture != "relu":
-            raise ValueError(
-                f"ghost_grads=True is only defined for architecture='relu', got {self.architecture!r}; the TopK "
-                "family uses the AuxK loss (aux_k_coefficient) instead."
-            )
+        check_number("decoder_init_norm", self.decoder_init_norm, strict=True)
+        for name in ("hook_name", "model_name", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}.")
         parse_dtype(self.dtype)
         self.dtype = str(self.dtype).removeprefix("torch.")
-        if self.architecture == "matryoshka_batchtopk":
-            self.matryoshka_prefixes = self._resolve_prefixes()
-        elif self.matryoshka_prefixes is not None:
-            self.matryoshka_prefixes = [int(p) for p in self.matryoshka_prefixes]
 
-    def _resolve_prefixes(self) -> list[int]:
-        assert self.d_sae is not None
-        if self.matryoshka_prefixes is None:
-            prefixes = sorted({max(1, self.d_sae // 2**i) for i in range(4, -1, -1)})
-        else:
-            prefixes = [int(p) for p in self.matryoshka_prefixes]
-        if not prefixes or prefixes[-1] != self.d_sae:
-            prefixes.append(self.d_sae)
-        if prefixes[0] <= 0 or any(a >= b for a, b in zip(prefixes, prefixes[1:], strict=False)):
-            raise ValueError(
-                f"matryoshka_prefixes={self.matryoshka_prefixes} must be strictly increasing prefix lengths in "
-                f"(0, d_sae={self.d_sae}], e.g. [{self.d_sae // 4}, {self.d_sae // 2}, {self.d_sae}]."
-            )
-        return prefixes
-
+    # ------------------------------------------------------------------ views
     @property
     def torch_dtype(self) -> torch.dtype:
         """``dtype`` as a ``torch.dtype``."""
         return parse_dtype(self.dtype)
 
     @property
-    def is_topk_family(self) -> bool:
-        """Whether features come from a top-k selection (sparse decode, AuxK)."""
-        return self.architecture in TOPK_FAMILY
+    def sparsity_coefficient(self) -> float:
+        """The value of the architecture's sparsity coefficient (0 for architectures without one)."""
+        field = type(self).sparsity_field
+        return float(getattr(self, field)) if field else 0.0
 
     @property
     def hook_layer(self) -> int | None:
@@ -219,37 +287,137 @@ class SAEConfig:
             return int(parts[1])
         return None
 
+    def own_fields(self) -> dict[str, Any]:
+        """The architecture's own fields (those the shared base does not have) and their values."""
+        shared = {f.name for f in dataclasses.fields(SAEConfig)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in shared}
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary of every field."""
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
-        """Build a config from ``to_dict`` output; unknown keys raise ``ValueError`` listing the valid ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown {cls.__name__} fields {unknown}; valid fields: {sorted(known)}.")
-        return cls(**data)
-
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def replace(self, **changes: Any) -> SAEConfig:
+        """A copy with ``changes``; a changed ``architecture`` switches the config class (shared fields kept)."""
+        data = self.to_dict()
+        if "architecture" in changes and changes["architecture"] != self.architecture:
+            shared = {f.name for f in dataclasses.fields(SAEConfig)} | transcoder_field_names()
+            data = {k: v for k, v in data.items() if k in shared}
+            data["decoder_norm"] = data["decoder_init_norm"] = None  # the new architecture's defaults
+        data.update(changes)
+        base = TranscoderConfig if isinstance(self, TranscoderConfig) else SAEConfig
+        return base.from_dict(data, strict=True)
 
-@dataclass
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], strict: bool = False) -> SAEConfig:
+        """Build a config from ``to_dict`` output (or a stored dict of an earlier version).
+
+        The class comes from ``data["architecture"]``. Unknown keys raise ``ValueError`` listing the valid ones;
+        with ``strict=False`` (stored files) keys of the earlier flat config that this architecture does not use
+        are dropped (they had no effect).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"An SAE config must be a mapping of field -> value, got {type(data).__name__}.")
+        data = dict(data)
+        architecture = data.get("architecture", "relu")
+        target = registry.config_class(str(architecture))
+        transcoder = issubclass(cls, TranscoderConfig) or (
+            cls is SAEConfig and bool(data.get("d_out")) and "skip_connection" in data
+        )
+        if transcoder:
+            target = transcoder_config_class(target)
+        elif "skip_connection" in data or "d_out" in data:
+            raise ValueError(
+                "This config has transcoder fields (d_out, skip_connection): load it with TranscoderConfig.from_dict."
+            )
+        known = {f.name for f in dataclasses.fields(target)}
+        if not strict:
+            data = {k: v for k, v in data.items() if k in known or k not in LEGACY_FIELDS}
+        _check_fields(target, data)
+        # Configs written by hand (strict) may hold numbers YAML read as text (1e-5); stored files must be exact.
+        return target(**(coerce_numbers(target, data) if strict else data))
+
+
+def _check_fields(target: type[SAEConfig], kwargs: dict[str, Any]) -> None:
+    known = [f.name for f in dataclasses.fields(target)]
+    unknown = sorted(set(kwargs) - set(known))
+    if not unknown:
+        return
+    parts = []
+    for name in unknown:
+        close = registry.closest_names(name, known, n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ValueError(
+        f"Unknown {target.__name__} fields {', '.join(parts)} for architecture {target.architecture!r}; "
+        f"its fields: {sorted(known)}."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- transcoders
 class TranscoderConfig(SAEConfig):
-    """A transcoder: encodes the activations at ``hook_name`` and reconstructs those at ``hook_name_out``."""
+    """A transcoder: encodes the activations at ``hook_name`` and reconstructs those at ``hook_name_out``.
 
-    d_out: int | None = None
-    """Width of the target activations; defaults to ``d_in``."""
-    skip_connection: bool = False
-    """Add a linear skip path ``x_in @ W_skip`` (``W_skip [d_in, d_out]``, zero-initialised)."""
-    apply_b_dec_to_input: bool = False
-    """Subtract a learned input bias ``b_in [d_in]`` before encoding (``b_dec`` is the output bias)."""
+    ``TranscoderConfig(architecture=..., ...)`` returns the architecture's config extended with these fields:
+
+    * ``d_out`` (int | None): width of the target activations; defaults to ``d_in``.
+    * ``skip_connection`` (bool, False): add a linear skip path ``x_in @ W_skip`` (``W_skip [d_in, d_out]``,
+      zero-initialised).
+    * ``apply_b_dec_to_input`` (bool, False): subtract a learned input bias ``b_in [d_in]`` before encoding
+      (``b_dec`` is the output bias).
+    """
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.d_out is None:
+        if self.d_out is None:  # type: ignore[has-type]
             self.d_out = self.d_in
-        if self.d_out <= 0:
-            raise ValueError(f"d_out must be positive, got {self.d_out}.")
+        check_int("d_out", self.d_out)
+
+
+_TRANSCODER_FIELDS: dict[str, tuple[Any, Any]] = {
+    "d_out": (int | None, None),
+    "skip_connection": (bool, False),
+    "apply_b_dec_to_input": (bool, False),
+}
+_TRANSCODER_CONFIGS: dict[type, type] = {}
+
+
+def transcoder_field_names() -> set[str]:
+    return set(_TRANSCODER_FIELDS)
+
+
+def transcoder_config_class(arch_config: type[SAEConfig]) -> type[SAEConfig]:
+    """``arch_config`` extended with the transcoder fields (one class per architecture, built once)."""
+    if issubclass(arch_config, TranscoderConfig):
+        return arch_config
+    cls = _TRANSCODER_CONFIGS.get(arch_config)
+    if cls is None:
+        name = arch_config.__name__.removesuffix("Config") + "TranscoderConfig"
+        namespace: dict[str, Any] = {
+            "__annotations__": {k: t for k, (t, _) in _TRANSCODER_FIELDS.items()},
+            **{k: d for k, (_, d) in _TRANSCODER_FIELDS.items()},
+            "__doc__": f"{arch_config.__doc__}\n\n{TranscoderConfig.__doc__}",
+            "__module__": __name__,
+            "__qualname__": name,
+        }
+        cls = dataclass(type(name, (arch_config, TranscoderConfig), namespace))
+        _TRANSCODER_CONFIGS[arch_config] = cls
+        globals()[name] = cls  # importable by name (pickling, jsonargparse class paths)
+    return cls
+
+
+def transcoder_config_union() -> Any:
+    """``Union[...]`` of every architecture's transcoder config (the type of a transcoder entry in YAML)."""
+    from typing import Union
+
+    classes = tuple(transcoder_config_class(c) for c in registry.config_classes())
+    return classes[0] if len(classes) == 1 else Union[classes]  # noqa: UP007
+
+
+def __getattr__(name: str) -> Any:  # e.g. TopKTranscoderConfig, built on first use
+    if name.endswith("TranscoderConfig"):
+        for config in registry.config_classes():
+            if config.__name__.removesuffix("Config") + "TranscoderConfig" == name:
+                return transcoder_config_class(config)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Initialisation: dictionary weights, and the decoder bias from data (mean or geometric median).
+"""Initialisation: dictionary weights, the decoder bias from data (mean or geometric median), and the scale of the
+initial reconstruction (:func:`least_squares_scale`).
 
 The geometric median -- the point minimising the sum of Euclidean distances to the samples -- is a robust
 centre for activations with outliers (e.g. the class token or high-norm register-like tokens of ViTs);
@@ -8,7 +9,9 @@ iteration, each step a distance-weighted mean with weights ``1 / ||x_i - y||``.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -60,3 +63,35 @@ def unit_rows(n_rows: int, n_cols: int, norm: float, generator: torch.Generator)
     """A ``[n_rows, n_cols]`` float64 matrix of random directions, each row scaled to ``norm`` (CPU)."""
     w = torch.randn(n_rows, n_cols, generator=generator, dtype=torch.float64)
     return w * (norm / w.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def least_squares_scale(pairs: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """The factor ``c`` minimising ``sum ||c * recon - target||^2`` over ``(recon, target)`` row blocks
+    (``<recon, target> / ||recon||^2``, accumulated in float64); 1 when every ``recon`` is 0 or ``c`` is not positive.
+
+    Used to start an SAE at the right scale: its initial reconstruction of a data sample, rescaled by ``c``, neither
+    overshoots (a loss spike that drives the first steps) nor undershoots (a reconstruction near 0, which makes
+    every feature grow and fire at first).
+    """
+    dot = norm = 0.0
+    for recon, target in pairs:
+        dot += float((recon.double() * target.double()).sum())
+        norm += float(recon.double().square().sum())
+    c = dot / norm if norm > 0 else 1.0
+    return c if c > 0 and math.isfinite(c) else 1.0
+
+
+@torch.no_grad()
+def fit_decoder_scale(sae: Any, x_n: Tensor, rows: int = 1024) -> float:
+    """Rescale ``sae.W_dec`` (all rows by one factor) so that the SAE's initial reconstruction of the normalised
+    sample ``x_n [n, d_in]`` is least-squares optimal; returns the factor.
+
+    A free decoder starts at a small norm (``decoder_init_norm``, 0.1: Anthropic's heuristic) and the encoder at the
+    decoder's transpose, so the initial reconstruction is about 1% of the input: the reconstruction gradient then
+    pushes every feature up at once and, before any penalty can act, most features fire on most tokens.
+    """
+    pairs = ((sae.encode_rows(blk) @ sae.W_dec, blk - sae.b_dec) for blk in x_n.split(rows))
+    c = least_squares_scale(pairs)
+    sae.W_dec.mul_(c)
+    return c

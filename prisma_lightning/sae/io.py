@@ -2,29 +2,34 @@
 
 Native / SAELens folder::
 
-    cfg.json                   SAELens keys (architecture, d_in, d_sae, hook_name, activation_fn_str, ...) and,
-                               under "prisma_lightning", our full config and the fitted normalisation factors
+    cfg.json                   SAELens keys (architecture, d_in, d_sae, hook_name, metadata, ...) and, under
+                               "prisma_lightning", our full config and the activation-normalisation factors
     sae_weights.safetensors    W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_enc [d_sae], b_dec [d_out]
                                (+ threshold [d_sae] for jumprelu / batchtopk, b_gate/r_mag/b_mag for gated,
-                               W_skip [d_out, d_in] for skip transcoders)
+                               W_skip [d_out, d_in] for skip transcoders; each architecture names its own tensors)
     sparsity.safetensors       optional: "sparsity" [d_sae], log10 feature firing rates
 
-JumpReLU SAEs learn ``log_threshold``; files hold ``threshold = exp(log_threshold)``. Our own files round-trip
-bitwise (the log is nudged to the float whose ``exp`` gives the stored value back); a threshold from another
-library may not be an ``exp`` of any float32 and then loads to within one ulp.
+The weights file is what any reader applies to *raw* activations: an ``expected_norm`` SAE is written with its
+scaling factor folded into the weights (``normalize_activations: "none"`` in the SAELens fields), so SAELens and
+this project reconstruct identically. Our own block records the factors, and :func:`load_sae` unfolds them again
+on request (:meth:`SparseAutoencoder.unfold_activation_norm`, which fine-tuning calls) so a loaded SAE trains on as
+it did. A loaded SAE is the file's inference form: ``normalize_activations`` reads ``none`` for a folded SAE.
 
-SAELens architecture names map as standard -> relu, topk, jumprelu, gated, batchtopk, transcoder,
-skip_transcoder, jumprelu_transcoder. BatchTopK SAEs are written as SAELens ``jumprelu`` (at inference a BatchTopK
-SAE *is* a JumpReLU with one shared threshold, which is how SAELens itself saves them).
+Every file is dispatched through the architecture registry: each architecture class names its tensors
+(``file_tensors``), how to read them back (``load_file_tensor``), its SAELens fields (``saelens_fields``) and the
+SAELens architecture names it reads (``saelens_names``). Every field read from a file is validated; errors name
+the file and the field.
 
-ViT-Prisma: ``weights.pt`` or ``n_images_*.pt`` (a dict of tensors, possibly under "state_dict") beside a
-``config.json`` with ViT-Prisma's field names. ``.pt`` files are read with ``torch.load(weights_only=True)``
-only: no pickled object from a file is ever executed; anything else is refused with a ``ValueError``.
+ViT-Prisma: ``weights.pt`` or ``n_images_*.pt`` beside a ``config.json`` with ViT-Prisma's field names. Its
+trainer pickles its runner config into ``n_images_*.pt``; such files are read by :mod:`.pickle_reader`, a restricted
+unpickler that rebuilds tensors and turns every other object into inert data (no code from the file runs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -35,115 +40,141 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..utils import atomic_path, hub_download
-from .config import BATCH_TOPK_FAMILY, SAEConfig, TranscoderConfig
+from . import registry
+from .config import SAEConfig, TranscoderConfig
 from .sparse_autoencoder import SparseAutoencoder
-from .transcoder import Transcoder
+
+log = logging.getLogger(__name__)
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 PRISMA_KEY = "prisma_lightning"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""1: weights stored unfolded (an ``expected_norm`` SAE's factor in our block only); 2: folded into the weights."""
+SAELENS_VERSION = "6.0.0"
+"""The SAELens format our ``cfg.json`` follows (its ``metadata.sae_lens_version``; absent means pre-6.0)."""
 
-_TO_SAELENS_NORM = {"none": "none", "expected_norm": "expected_average_only_in", "layer_norm": "layer_norm"}
-# SAELens applies "expected_average_only_in" only while training (its saved SAEs have the factor folded in).
-_FROM_SAELENS_NORM = {"none": "none", "expected_average_only_in": "none", "layer_norm": "layer_norm", None: "none"}
-_FROM_SAELENS_ARCH = {
-    "standard": ("relu", False),
-    "topk": ("topk", False),
-    "jumprelu": ("jumprelu", False),
-    "gated": ("gated", False),
-    "batchtopk": ("batchtopk", False),
-    "transcoder": ("relu", True),
-    "skip_transcoder": ("relu", True),
-    "jumprelu_transcoder": ("jumprelu", True),
+_FROM_SAELENS_NORM = {
+    "none": "none",
+    "expected_average_only_in": "none",  # identity at inference: SAELens folds the factor into finished SAEs
+    "covariance_whitening": "none",  # likewise folded at the end of training
+    "layer_norm": "layer_norm",
+    "constant_norm_rescale": "constant_norm_rescale",
+}
+_TRANSCODER_NAMES = {
+    "transcoder": "standard",
+    "skip_transcoder": "standard",
+    "jumprelu_transcoder": "jumprelu",
+    "jumprelu_skip_transcoder": "jumprelu",
 }
 
 
 # ---------------------------------------------------------------------------------------------------- saving
-def _saelens_architecture(sae: SparseAutoencoder) -> str:
-    arch, transcoder = sae.cfg.architecture, isinstance(sae, Transcoder)
-    if transcoder:
-        base = {"relu": "transcoder", "jumprelu": "jumprelu_transcoder"}.get(arch, arch)
-        return "skip_transcoder" if base == "transcoder" and sae.cfg.skip_connection else base  # type: ignore[attr-defined]
-    return {"relu": "standard", "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}.get(arch, arch)
-
-
 def _saelens_cfg(sae: SparseAutoencoder) -> dict[str, Any]:
+    """The SAELens fields of ``cfg.json`` for the (folded) weights in the file."""
     cfg = sae.cfg
-    topk = cfg.architecture == "topk"
+    hook_layer = cfg.hook_layer if cfg.hook_layer is not None else -1
+    fields = sae.saelens_fields()
+    activation_kwargs = fields.pop("activation_fn_kwargs", {})
+    hook_name_out = fields.pop("hook_name_out", None)
     out: dict[str, Any] = {
-        "architecture": _saelens_architecture(sae),
+        "architecture": fields.pop("architecture"),
         "d_in": cfg.d_in,
-        "d_sae": cfg.d_sae,
+        "d_sae": sae.d_sae,
         "dtype": cfg.dtype,
         "device": cfg.device,
+        "apply_b_dec_to_input": bool(cfg.apply_b_dec_to_input and not sae.is_transcoder),
+        # expected_norm is folded into the weights; the per-token modes are applied by SAELens too
+        "normalize_activations": cfg.normalize_activations if cfg.normalize_activations != "expected_norm" else "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": SAELENS_VERSION,
+            "sae_lens_training_version": None,
+            "model_name": cfg.model_name,
+            "hook_name": cfg.hook_name,
+            "hook_layer": hook_layer,
+            "hook_head_index": None,
+            "context_size": cfg.context_size,
+            "prepend_bos": False,
+            "dataset_path": "",
+            "neuronpedia_id": None,
+            "model_class_name": "HookedViT",
+            "model_from_pretrained_kwargs": {},
+            "exclude_special_tokens": False,
+            "sequence_separator_token": None,
+            "disable_concat_sequences": False,
+            **({"hook_name_out": hook_name_out} if sae.is_transcoder else {}),
+        },
+        # the same provenance at the top level, where SAELens before 6.0 and other readers look for it
         "model_name": cfg.model_name,
         "hook_name": cfg.hook_name,
-        "hook_layer": cfg.hook_layer if cfg.hook_layer is not None else -1,
+        "hook_layer": hook_layer,
         "hook_head_index": None,
-        "activation_fn_str": "topk" if topk else "relu",
-        "activation_fn_kwargs": {"k": cfg.k} if topk else {},
-        "apply_b_dec_to_input": bool(cfg.apply_b_dec_to_input and not isinstance(sae, Transcoder)),
-        "normalize_activations": _TO_SAELENS_NORM[cfg.normalize_activations],
-        "finetuning_scaling_factor": False,
         "context_size": cfg.context_size,
+        "activation_fn_str": "topk" if "k" in activation_kwargs else "relu",
+        "activation_fn_kwargs": activation_kwargs,
+        "finetuning_scaling_factor": False,
         "prepend_bos": False,
         "dataset_path": "",
         "dataset_trust_remote_code": False,
         "sae_lens_training_version": None,
         "neuronpedia_id": None,
-        "reshape_activations": "none",
     }
-    if topk:
-        out["k"] = cfg.k
-    if isinstance(sae, Transcoder):
-        out["d_out"] = sae.d_out
-        out["hook_name_out"] = cfg.hook_name_out
+    out.update(fields)
+    if sae.is_transcoder:
+        out["hook_name_out"] = hook_name_out
     return out
 
 
-def _file_tensors(sae: SparseAutoencoder) -> dict[str, Tensor]:
-    """The tensors of the weights file, in the file's layout (views of the module's parameters)."""
-    arch = sae.cfg.architecture
-    tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    if arch == "gated":
-        tensors.update(b_gate=sae.b_gate, r_mag=sae.r_mag, b_mag=sae.b_mag)
-    else:
-        tensors["b_enc"] = sae.b_enc
-    if arch == "jumprelu" or arch in BATCH_TOPK_FAMILY:
-        tensors["threshold"] = sae.threshold
-    if hasattr(sae, "W_skip"):
-        tensors["W_skip"] = sae.W_skip.t()  # SAELens' SkipTranscoder layout [d_out, d_in]
-    if hasattr(sae, "b_in"):
-        tensors["b_in"] = sae.b_in
-    return tensors
-
-
 def _weights_to_save(sae: SparseAutoencoder) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in _file_tensors(sae).items()}
+    return {k: v.detach().cpu().contiguous() for k, v in sae.file_tensors().items()}
 
 
 def save_sae(sae: SparseAutoencoder, path: str | Path, sparsity: Tensor | None = None) -> Path:
-    """Write ``sae`` into folder ``path`` (created if needed); each file is written atomically."""
+    """Write ``sae`` into folder ``path`` (created if needed); each file is written atomically.
+
+    An ``expected_norm`` SAE is written with its factor folded into the weights (on a copy: ``sae`` itself is
+    unchanged), so readers that apply no normalisation (SAELens) reconstruct exactly what this project does.
+    """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = _saelens_cfg(sae)
+    scales = (float(sae.norm_scale_in), float(sae.norm_scale_out))
+    if sae.cfg.normalize_activations == "expected_norm":
+        sae._check_fitted()
+        written = _folded_copy(sae)
+    else:
+        written = sae
+    cfg = _saelens_cfg(written)
     cfg[PRISMA_KEY] = {
         "format_version": FORMAT_VERSION,
-        "class": type(sae).__name__ if isinstance(sae, Transcoder) else "SparseAutoencoder",
+        "class": "Transcoder" if sae.is_transcoder else "SparseAutoencoder",
         "config": sae.cfg.to_dict(),
-        "norm_scale_in": float(sae.norm_scale_in),
-        "norm_scale_out": float(sae.norm_scale_out),
-        "norm_fitted": sae._norm_fitted,
+        "folded_norm_scale_in": scales[0] if written is not sae else None,
+        "folded_norm_scale_out": scales[1] if written is not sae else None,
     }
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file(_weights_to_save(sae), str(tmp), metadata={"format": "pt"})
+        save_file(_weights_to_save(written), str(tmp), metadata={"format": "pt"})
+    for name, tensors in written.extra_files().items():
+        with atomic_path(folder / name) as tmp:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"}
+            )
     with atomic_path(folder / CFG_FILE) as tmp:
-        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+        tmp.write_text(json.dumps(cfg, indent=2, allow_nan=False) + "\n")
     if sparsity is not None:
         save_sparsity(folder, sparsity, d_sae=sae.d_sae)
     return folder
+
+
+def _folded_copy(sae: SparseAutoencoder) -> SparseAutoencoder:
+    """A copy of ``sae`` with the ``expected_norm`` factor folded into its weights (``sae`` is untouched)."""
+    import copy
+
+    clone = copy.deepcopy(sae)
+    clone.cfg = copy.deepcopy(sae.cfg)
+    clone.fold_activation_norm_scaling_factor()
+    return clone
 
 
 def save_sparsity(folder: str | Path, log10_density: Tensor, d_sae: int | None = None) -> Path:
@@ -198,98 +229,146 @@ def _int_field(data: dict[str, Any], key: str, file: Path) -> int:
     return value
 
 
-def _exact_log(t: Tensor) -> Tensor:
-    """``log(t)``, nudged by an ulp where that makes ``exp`` give back ``t`` exactly (lossless round trips)."""
-    lt = t.log()
-    for direction in (math.inf, -math.inf):
-        cand = torch.nextafter(lt, torch.full_like(lt, direction))
-        lt = torch.where((lt.exp() != t) & (cand.exp() == t), cand, lt)
-    return lt
+def _scale_field(data: dict[str, Any], key: str, file: Path) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{file}: field {key!r} must be a positive finite number, got {value!r}.")
+    return float(value)
 
 
 def _assign(sae: SparseAutoencoder, tensors: dict[str, Tensor], file: Path) -> SparseAutoencoder:
-    """Copy file tensors into ``sae`` after checking names and shapes; maps file layouts to ours."""
-    expected = {k: tuple(v.shape) for k, v in _file_tensors(sae).items()}
+    """Copy file tensors into ``sae`` after checking names, shapes and values; the architecture maps layouts."""
+    expected = {k: tuple(v.shape) for k, v in sae.file_tensors().items()}
     for key, shape in expected.items():
         if key not in tensors:
             raise ValueError(
                 f"{file}: missing tensor {key!r} for a {sae.cfg.architecture} SAE (found {sorted(tensors)})."
             )
         got = tuple(tensors[key].shape)
-        if key == "threshold" and sae.cfg.architecture in BATCH_TOPK_FAMILY and got == ():
-            continue
-        if got != shape:
+        if not sae.file_shape_ok(key, got):
             raise ValueError(
                 f"{file}: tensor {key!r} has shape {list(got)}, expected {list(shape)} "
                 f"(d_in={sae.d_in}, d_sae={sae.d_sae}, d_out={sae.d_out}); the config and the weights disagree."
             )
+        if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all()):
+            raise ValueError(f"{file}: tensor {key!r} holds NaN or infinite values; the SAE is broken.")
     with torch.no_grad():
         for key in expected:
-            value = tensors[key].to(sae.W_dec.device)
-            if key == "threshold":
-                if sae.cfg.architecture == "jumprelu":
-                    sae.log_threshold.copy_(_exact_log(value.to(sae.log_threshold.dtype)))
-                else:
-                    if value.ndim and not bool((value == value[0]).all()):
-                        raise ValueError(
-                            f"{file}: a {sae.cfg.architecture} SAE shares one threshold across features, but "
-                            "'threshold' varies; load it as architecture 'jumprelu' instead."
-                        )
-                    sae.running_threshold.copy_(value.reshape(-1)[0])
-            elif key == "W_skip":
-                sae.W_skip.copy_(value.t())
-            else:
-                getattr(sae, key).copy_(value)
+            sae.load_file_tensor(key, tensors[key].to(device=sae.b_dec.device, dtype=sae.b_dec.dtype), file)
     return sae
 
 
 def _build(cfg: SAEConfig, file: Path) -> SparseAutoencoder:
     try:
-        return Transcoder(cfg) if isinstance(cfg, TranscoderConfig) else SparseAutoencoder(cfg)
+        return SparseAutoencoder(cfg)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{file}: invalid SAE configuration: {err}") from err
 
 
+def saelens_version(raw: dict[str, Any]) -> str | None:
+    """The SAELens version a ``cfg.json`` declares (top level first, then ``metadata``), as SAELens reads it."""
+    version = raw.get("sae_lens_version")
+    meta = raw.get("metadata")
+    if not version and isinstance(meta, dict):
+        version = meta.get("sae_lens_version")
+    return str(version) if version else None
+
+
+def _is_pre_6(version: str | None) -> bool:
+    if not version:
+        return True
+    match = re.match(r"(\d+)", version)
+    return match is None or int(match.group(1)) < 6
+
+
+def _pre_6_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """SAELens's conversion of a pre-6.0 ``cfg.json`` (its ``handle_pre_6_0_config``): renamed keys, defaults, the
+    TopK detection from ``activation_fn``, and metadata rebuilt from the top-level provenance keys."""
+    cfg = dict(raw)
+    for old, new in (("hook_point", "hook_name"), ("hook_point_head_index", "hook_head_index"),
+                     ("activation_fn_str", "activation_fn")):  # fmt: skip
+        if old in cfg:
+            cfg[new] = cfg.pop(old)
+    cfg.setdefault("apply_b_dec_to_input", True)
+    cfg.setdefault("activation_fn", "relu")
+    cfg.setdefault("architecture", "standard")
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    if cfg["activation_fn"] == "topk" and isinstance(kwargs, dict) and kwargs.get("k") is not None:
+        cfg["architecture"], cfg["k"] = "topk", kwargs["k"]
+    norm = cfg.get("normalize_activations")
+    cfg["normalize_activations"] = {False: "none", True: "expected_average_only_in", None: "none"}.get(norm, norm)
+    cfg["metadata"] = {k: raw[k] for k in _LLM_METADATA_KEYS if k in raw}
+    return cfg
+
+
+_LLM_METADATA_KEYS = ("model_name", "hook_name", "model_class_name", "hook_head_index", "model_from_pretrained_kwargs",
+                      "prepend_bos", "exclude_special_tokens", "neuronpedia_id", "context_size", "seqpos_slice",
+                      "dataset_path", "sae_lens_version", "sae_lens_training_version", "hook_name_out")  # fmt: skip
+
+
 def _config_from_saelens(raw: dict[str, Any], file: Path, overrides: dict[str, Any]) -> SAEConfig:
+    """Our config of a SAELens ``cfg.json``, read field by field as SAELens 6 reads it (``tests/fixtures/saelens/
+    LOADER.md``): the version decides the pre-6.0 conversion; every value is validated."""
+    if _is_pre_6(saelens_version(raw)):
+        raw = _pre_6_config(raw)
     meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
-    arch_name = raw.get("architecture") or ("topk" if raw.get("activation_fn_str") == "topk" else "standard")
-    if arch_name not in _FROM_SAELENS_ARCH:
-        raise ValueError(
-            f"{file}: field 'architecture'={arch_name!r} is not supported; known: {sorted(_FROM_SAELENS_ARCH)}."
-        )
-    arch, is_transcoder = _FROM_SAELENS_ARCH[arch_name]
-    norm = raw.get("normalize_activations")
+    name = raw.get("architecture")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{file}: field 'architecture' must be a string (SAELens 6 requires it), got {name!r}.")
+    is_transcoder = name in _TRANSCODER_NAMES
+    cls = registry.saelens_class(_TRANSCODER_NAMES.get(name, name))
+    if cls is None:
+        known = sorted({*registry.saelens_names(), *_TRANSCODER_NAMES})
+        raise ValueError(f"{file}: field 'architecture'={name!r} is not supported; known: {known}.")
+    norm = raw.get("normalize_activations", "none")
     if norm not in _FROM_SAELENS_NORM:
         raise ValueError(
-            f"{file}: field 'normalize_activations'={norm!r} is not supported (none, expected_average_only_in, "
-            "layer_norm)."
+            f"{file}: field 'normalize_activations'={norm!r} is not one SAELens applies at inference "
+            f"({sorted(k for k in _FROM_SAELENS_NORM if k)})."
         )
+    ours = _FROM_SAELENS_NORM[norm]
+    scaler = file.parent / "activation_scaler.json"
+    if norm in ("expected_average_only_in", "covariance_whitening") and scaler.is_file():
+        log.warning(
+            "%s: normalize_activations=%r and an activation_scaler.json: a SAELens checkpoint taken during training "
+            "(weights not folded). SAELens applies no scaling to it at inference, and neither does this loader "
+            "(the outputs match SAELens); fold the factor in with SAELens before using it for analysis.",
+            file, norm,
+        )  # fmt: skip
+    if is_transcoder and ours != "none":
+        raise ValueError(
+            f"{file}: a SAELens transcoder with normalize_activations={norm!r} leaves its output normalised (SAELens "
+            "never un-normalises a transcoder's output), which prisma-lightning transcoders do not reproduce."
+        )
+    if is_transcoder and raw.get("apply_b_dec_to_input", False):
+        raise ValueError(f"{file}: field 'apply_b_dec_to_input' must be false for a SAELens transcoder.")
+    dtype = raw.get("dtype", "float32")
+    if not isinstance(dtype, str):
+        raise ValueError(f"{file}: field 'dtype' must be a string such as 'float32', got {dtype!r}.")
+    apply_b_dec = raw.get("apply_b_dec_to_input", True)
+    if not isinstance(apply_b_dec, bool):
+        raise ValueError(f"{file}: field 'apply_b_dec_to_input' must be true or false, got {apply_b_dec!r}.")
     kwargs: dict[str, Any] = {
+        "architecture": cls.architecture,
         "d_in": _int_field(raw, "d_in", file),
         "d_sae": _int_field(raw, "d_sae", file),
-        "architecture": arch,
-        "normalize_activations": _FROM_SAELENS_NORM[norm],
-        "apply_b_dec_to_input": bool(raw.get("apply_b_dec_to_input", True)) and not is_transcoder,
-        "hook_name": raw.get("hook_name") or meta.get("hook_name") or "",
-        "hook_name_out": raw.get("hook_name_out") or meta.get("hook_name_out"),
-        "model_name": raw.get("model_name") or meta.get("model_name") or "",
-        "context_size": raw.get("context_size") or meta.get("context_size"),
-        "dtype": str(raw.get("dtype") or "float32").removeprefix("torch."),
-        "device": raw.get("device") or "cpu",
+        "normalize_activations": ours,
+        "apply_b_dec_to_input": apply_b_dec and not is_transcoder,
+        "hook_name": meta.get("hook_name") or raw.get("hook_name") or "",
+        "hook_name_out": meta.get("hook_name_out") or raw.get("hook_name_out"),
+        "model_name": meta.get("model_name") or raw.get("model_name") or "",
+        "context_size": meta.get("context_size") or raw.get("context_size"),
+        "dtype": dtype.removeprefix("torch."),
+        "device": "cpu",
+        **cls.config_from_saelens(raw, file),
     }
-    if arch == "topk":
-        k = raw.get("k") or (raw.get("activation_fn_kwargs") or {}).get("k")
-        if k is None:
-            raise ValueError(f"{file}: a topk SAE needs field 'k' (or activation_fn_kwargs.k).")
-        kwargs["k"] = int(k)
-    if arch == "batchtopk":
-        kwargs["k"] = max(1, round(float(raw.get("k", 1))))
     kwargs.update(overrides)
     try:
         if is_transcoder:
-            return TranscoderConfig(
-                **kwargs, d_out=_int_field(raw, "d_out", file), skip_connection=arch_name == "skip_transcoder"
-            )
+            skip = name in ("skip_transcoder", "jumprelu_skip_transcoder")
+            return TranscoderConfig(**kwargs, d_out=_int_field(raw, "d_out", file), skip_connection=skip)
         return SAEConfig(**kwargs)
     except ValueError as err:
         raise ValueError(f"{file}: {err}") from err
@@ -303,22 +382,58 @@ def _load_folder(folder: Path, overrides: dict[str, Any]) -> SparseAutoencoder:
     if block is None:
         if "threshold" not in tensors and "topk_threshold" in tensors:  # a SAELens BatchTopK training checkpoint
             tensors["threshold"] = tensors.pop("topk_threshold")
+        if "threshold" not in tensors and "log_threshold" in tensors:  # an older JumpReLU training checkpoint
+            tensors["threshold"] = tensors.pop("log_threshold").exp()
         cfg = _config_from_saelens(raw, cfg_file, {"device": "cpu", **overrides})
-        return _assign(_build(cfg, cfg_file), tensors, folder / WEIGHTS_FILE)
+        sae = _assign(_build(cfg, cfg_file), tensors, folder / WEIGHTS_FILE)
+        sae.after_saelens_load(raw)
+        return sae
     if not isinstance(block, dict) or not isinstance(block.get("config"), dict):
-        raise ValueError(f"{cfg_file}: field {PRISMA_KEY!r} must be an object with a 'config' object.")
-    config_cls = TranscoderConfig if block.get("class") == "Transcoder" else SAEConfig
+        raise ValueError(f"{cfg_file}: field '{PRISMA_KEY}' must be an object with a 'config' object.")
+    version = block.get("format_version", 1)
+    if version not in (1, 2):
+        raise ValueError(
+            f"{cfg_file}: field '{PRISMA_KEY}.format_version'={version!r} is newer than this prisma-lightning "
+            f"reads (1, 2); upgrade prisma-lightning."
+        )
     stored = block["config"]
     if "device" not in overrides and not _device_available(str(stored.get("device", "cpu"))):
         overrides = {**overrides, "device": "cpu"}  # trained on an accelerator this machine lacks
+    config_cls = TranscoderConfig if block.get("class") == "Transcoder" else SAEConfig
     try:
         cfg = config_cls.from_dict({**stored, **overrides})
     except (TypeError, ValueError) as err:
         raise ValueError(f"{cfg_file}: field '{PRISMA_KEY}.config': {err}") from err
+    if version == 1:
+        return _load_v1(cfg, block, tensors, folder)
+    s_in = _scale_field(block, "folded_norm_scale_in", cfg_file)
+    s_out = _scale_field(block, "folded_norm_scale_out", cfg_file)
+    folded = cfg.normalize_activations == "expected_norm"
+    if folded and (s_in is None or s_out is None):
+        raise ValueError(
+            f"{cfg_file}: an expected_norm SAE needs fields '{PRISMA_KEY}.folded_norm_scale_in' and "
+            f"'folded_norm_scale_out' (positive numbers); the file is incomplete."
+        )
+    if folded:
+        cfg.normalize_activations = "none"  # the file's weights read raw activations
     sae = _assign(_build(cfg, cfg_file), tensors, folder / WEIGHTS_FILE)
+    if folded:
+        sae.folded_norm_scales = (s_in, s_out)  # type: ignore[assignment]
+    return sae
+
+
+def _load_v1(cfg: SAEConfig, block: dict[str, Any], tensors: dict[str, Tensor], folder: Path) -> SparseAutoencoder:
+    """Folders of format 1 stored the weights unfolded and the factors in our block."""
+    cfg_file = folder / CFG_FILE
+    if "b_in" in tensors and "b_enc" in tensors and "W_enc" in tensors:  # format 1 stored a transcoder's input bias
+        tensors = dict(tensors)
+        tensors["b_enc"] = tensors["b_enc"] - tensors.pop("b_in") @ tensors["W_enc"]
+    sae = _assign(_build(cfg, cfg_file), tensors, folder / WEIGHTS_FILE)
+    s_in = _scale_field(block, "norm_scale_in", cfg_file)
+    s_out = _scale_field(block, "norm_scale_out", cfg_file)
     with torch.no_grad():
-        sae.norm_scale_in.fill_(float(block.get("norm_scale_in", 1.0)))
-        sae.norm_scale_out.fill_(float(block.get("norm_scale_out", 1.0)))
+        sae.norm_scale_in.fill_(1.0 if s_in is None else s_in)
+        sae.norm_scale_out.fill_(1.0 if s_out is None else s_out)
     sae._norm_fitted = bool(block.get("norm_fitted", True))
     return sae
 
@@ -351,11 +466,17 @@ def _config_from_vit_prisma(raw: dict[str, Any], file: Path, overrides: dict[str
     d_in = _int_field(raw, "d_in", file)
     d_sae = raw.get("d_sae") or d_in * _int_field(raw, "expansion_factor", file)
     act = raw.get("activation_fn_str", "relu")
-    arch = {"gated": "gated", "jumprelu": "jumprelu"}.get(raw.get("architecture") or "standard")
-    if arch is None:
-        if act not in ("relu", "topk"):
-            raise ValueError(f"{file}: field 'activation_fn_str'={act!r} is not supported (relu, topk).")
-        arch = act
+    family = raw.get("architecture") or "standard"
+    # ViT-Prisma names an architecture like SAELens does, except that "standard" + activation_fn_str "topk" is TopK
+    saelens_name = family if family != "standard" or act == "relu" else act
+    cls = registry.saelens_class(str(saelens_name))
+    if cls is None:
+        field = "architecture" if family != "standard" else "activation_fn_str"
+        raise ValueError(
+            f"{file}: field {field!r}={raw.get(field)!r} names no registered architecture (ViT-Prisma architectures "
+            f"read here: standard with activation_fn_str relu or topk, {', '.join(registry.saelens_names())})."
+        )
+    arch = cls.architecture
     norm = raw.get("normalize_activations") or "none"
     if norm not in ("none", "layer_norm"):
         raise ValueError(f"{file}: field 'normalize_activations'={norm!r} is not supported (none, layer_norm).")
@@ -376,9 +497,9 @@ def _config_from_vit_prisma(raw: dict[str, Any], file: Path, overrides: dict[str
         "dtype": str(raw.get("_dtype") or raw.get("dtype") or "float32").removeprefix("torch."),
         "b_dec_init": raw.get("b_dec_init_method") or "geometric_median",
     }
-    if arch == "topk":
-        kwargs["k"] = int(_require(raw.get("activation_fn_kwargs") or {}, "k", file))
-    if isinstance(raw.get("l1_coefficient"), (int, float)):
+    kwargs.update(cls.config_from_saelens(raw, file))  # architecture options (TopK's k) are read as SAELens's are
+    own = {f.name for f in dataclasses.fields(cls.config_class)}
+    if "l1_coefficient" in own and isinstance(raw.get("l1_coefficient"), int | float):
         kwargs["l1_coefficient"] = float(raw["l1_coefficient"])
     kwargs.update(overrides)
     try:
@@ -398,38 +519,23 @@ def _config_from_vit_prisma(raw: dict[str, Any], file: Path, overrides: dict[str
         raise ValueError(f"{file}: {err}") from err
 
 
-def _torch_load_tensors(file: Path) -> dict[str, Tensor]:
-    try:
-        data = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for disallowed globals, RuntimeError for corrupt archives
-        raise ValueError(
-            f"{file} could not be read as plain tensors: torch.load(weights_only=True) refused it ({err}). "
-            "prisma-lightning never unpickles arbitrary objects; re-save the file as a dict of tensors."
-        ) from err
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{file}: expected a dict of tensors (optionally under 'state_dict'), got {type(data).__name__}."
-        )
-    return {k: v for k, v in data.items() if isinstance(v, Tensor)}
-
-
 def _load_vit_prisma(weights: Path, overrides: dict[str, Any]) -> SparseAutoencoder:
+    from .pickle_reader import read_tensors
+
     cfg_file = weights.parent / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{weights} needs its ViT-Prisma config.json beside it ({cfg_file} is missing).")
     cfg = _config_from_vit_prisma(_read_json(cfg_file), cfg_file, overrides)
-    tensors = _torch_load_tensors(weights)
+    tensors = read_tensors(weights)
     if isinstance(cfg, TranscoderConfig):
         tensors = dict(tensors)
         if "b_dec_out" not in tensors:
             raise ValueError(f"{weights}: missing tensor 'b_dec_out' for a ViT-Prisma transcoder.")
-        tensors["b_in"] = tensors.pop("b_dec", None)
+        b_in = tensors.pop("b_dec", None)  # ViT-Prisma's b_dec centres the input; b_dec_out is the output bias
         tensors["b_dec"] = tensors.pop("b_dec_out")
-        tensors = {k: v for k, v in tensors.items() if v is not None}
-    sae = _assign(_build(cfg, cfg_file), tensors, weights)
-    return sae
+        if b_in is not None and "b_enc" in tensors and "W_enc" in tensors:
+            tensors["b_enc"] = tensors["b_enc"] - b_in @ tensors["W_enc"]  # the input bias folded into b_enc
+    return _assign(_build(cfg, cfg_file), tensors, weights)
 
 
 # ---------------------------------------------------------------------------------------------------- entry points
@@ -496,11 +602,28 @@ def sae_from_pretrained(
                 f"{repo_id}: config.json and {Path(weights).name} are in different folders."
             ) from native_err
         return load_sae(weights, device=device, expected=expected)
-    try:
-        hub_download(repo_id, SPARSITY_FILE, revision=revision, subfolder=subfolder)
-    except FileNotFoundError:
-        pass  # sparsity.safetensors is optional
+    for name in (SPARSITY_FILE, *_extra_file_names(Path(cfg_path))):
+        try:
+            hub_download(repo_id, name, revision=revision, subfolder=subfolder)
+        except FileNotFoundError:
+            pass  # optional files: sparsity, architecture extras (loading says what a missing extra means)
     return load_sae(Path(cfg_path).parent, device=device, expected=expected)
+
+
+def _extra_file_names(cfg_file: Path) -> tuple[str, ...]:
+    """The extra files of the architecture named in a downloaded ``cfg.json`` (none when it names no known one)."""
+    try:
+        raw = _read_json(cfg_file)
+    except ValueError:
+        return ()
+    block = raw.get(PRISMA_KEY)  # extras are ours: folders written by SAELens itself have none
+    config = block.get("config") if isinstance(block, dict) else None
+    if not isinstance(config, dict):
+        return ()
+    try:
+        return registry.architecture_class(str(config.get("architecture"))).extra_file_names
+    except (KeyError, ValueError):
+        return ()
 
 
 def _vit_prisma_hub_weights(repo_id: str, subfolder: str | None, revision: str | None) -> str:

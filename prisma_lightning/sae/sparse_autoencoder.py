@@ -1,19 +1,24 @@
-"""`SparseAutoencoder`: ReLU, TopK, BatchTopK, JumpReLU, Gated and Matryoshka-BatchTopK SAEs in one module.
+"""`SparseAutoencoder`: the base every architecture subclasses (what all SAEs share), and its outputs.
 
 Shapes: inputs ``[..., d_in]`` (any leading dimensions; they are flattened to ``n`` tokens), features
 ``[..., d_sae]``, reconstructions ``[..., d_out]`` (``d_out = d_in`` for an SAE).
 
-Losses are computed in the *normalised* activation space (see ``SAEConfig.normalize_activations``):
-``mse_loss = mean_tokens(sum_features((recon - target)^2))`` -- summed over ``d_out``, averaged over tokens -- so
-its size does not depend on the batch size. ``forward`` returns the reconstruction in the raw input space.
+The base owns: activation normalisation (``expected_norm`` / ``layer_norm``), ``b_dec`` and its data-driven
+initialisation, the decoder-norm policy (unit rows with the parallel gradient removed, or free rows), the firing
+statistics behind dead-feature losses and resampling, the public ``encode`` / ``decode`` / ``forward`` used for
+splicing into a model, and save / load. An architecture (one file in ``architectures/``, registered by name) owns
+its parameters, its encoder (:meth:`encode_rows`), its training pass with its losses (:meth:`pass_rows`), and any
+hooks it needs (decoder, dead-feature loss, per-feature state for resampling, file tensors, SAELens fields).
+``SparseAutoencoder(cfg)`` returns the registered class of ``cfg.architecture``.
 
-Parameters follow SAELens: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``, ``b_enc [d_sae]``, ``b_dec [d_out]``;
-Gated SAEs have ``b_gate``, ``r_mag``, ``b_mag`` instead of ``b_enc``; JumpReLU learns ``log_threshold``.
-All are plain contiguous tensors (fused optimizers copy non-contiguous ones on every step).
+Losses are computed in the *normalised* activation space: ``mse_loss = mean_tokens(sum_features((recon -
+target)^2))`` -- summed over ``d_out``, averaged over tokens -- so its size does not depend on the batch size.
+``forward`` returns the reconstruction in the raw input space. ``W_enc [d_in, d_sae]`` and ``W_dec [d_sae, d_out]``
+are read as attributes, so an architecture may derive them (a property) instead of storing them.
 
 Training recipe (what :func:`prisma_lightning.sae.training.train_step` does)::
 
-    out = sae(x, step=step)            # out.loss = mse + sparsity + aux (+ matryoshka prefix) losses
+    out = sae(x, step=step)            # out.loss = mse + sparsity + aux (+ prefix) losses
     out.loss.backward()
     sae.before_optimizer_step()        # unit-norm decoders: drop the gradient parallel to each decoder row
     optimizer.step()
@@ -22,36 +27,25 @@ Training recipe (what :func:`prisma_lightning.sae.training.train_step` does)::
 
 from __future__ import annotations
 
+import abc
 import math
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from . import losses
-from .activations import jumprelu, jumprelu_sae, relu_sae
-from .config import BATCH_TOPK_FAMILY, SAEConfig
+from . import registry
+from .config import SAEConfig, TranscoderConfig
 from .init import geometric_median, unit_rows
-from .sparse_ops import (
-    SparsePattern,
-    batch_topk_select,
-    dense_to_pattern,
-    group_pattern,
-    pre_activations,
-    sparse_decode,
-    sparse_encode,
-    threshold_select,
-    topk_select,
-)
 
 LAYER_NORM_EPS = 1e-5
-THRESHOLD_EMA = 0.01
-"""Rate of the exponential moving average behind BatchTopK's inference threshold (SAELens' default)."""
+"""Added to the standard deviation when ``layer_norm`` divides (not when it un-normalises), as SAELens and
+ViT-Prisma do: ``x_n = (x - mu) / (std + eps)``, ``recon = r * std + mu`` (unbiased ``std``)."""
 
 
 class SparseCodes(NamedTuple):
-    """The active features of each token in flat (``embedding_bag``) form; TopK family only."""
+    """The active features of each token in flat (``embedding_bag``) form; sparse architectures only."""
 
     indices: Tensor
     """Feature id of each active entry, ``[nnz]``, grouped by token."""
@@ -67,81 +61,118 @@ class SAEOutput(NamedTuple):
     recon: Tensor
     """Reconstruction in the raw activation space, ``[..., d_out]``."""
     feats: Tensor | None
-    """Feature activations ``[..., d_sae]`` (dense); None when ``return_feats=False`` for the TopK family."""
+    """Feature activations ``[..., d_sae]`` (dense); None when ``return_feats=False`` for sparse architectures."""
     loss: Tensor
     """Total training loss: ``mse_loss + sparsity_loss + aux_loss + prefix_loss``."""
     mse_loss: Tensor
     """Squared error summed over ``d_out`` and averaged over tokens (full dictionary)."""
     sparsity_loss: Tensor
-    """Coefficient times the L1 (relu, gated: weighted by decoder row norms) or L0 (jumprelu) penalty; 0 else."""
+    """Coefficient times the architecture's sparsity penalty (L1, L0, Lp, ...); 0 for TopK-style architectures."""
     aux_loss: Tensor
-    """AuxK (TopK family), ghost grads (relu), the gated via-gate reconstruction loss or the JumpReLU pre-activation
-    loss; 0 if none applies."""
+    """Auxiliary losses (AuxK, ghost grads, the gated via-gate loss, JumpReLU's pre-activation loss); 0 if none."""
     prefix_loss: Tensor
-    """matryoshka_batchtopk: sum of the MSEs of the proper dictionary prefixes; 0 otherwise."""
+    """Nested-dictionary losses (Matryoshka: the MSEs of the proper prefixes); 0 otherwise."""
     l0: Tensor
     """Number of active features of each token, ``[...]`` (float)."""
     codes: SparseCodes | None
-    """TopK family: the active features in sparse form; None for dense architectures."""
+    """Sparse architectures: the active features in sparse form; None for dense ones."""
 
 
-class _Pass(NamedTuple):
-    recon: Tensor  # [n, d_out], normalised space, skip connection included
+class Pass(NamedTuple):
+    """What an architecture's :meth:`SparseAutoencoder.pass_rows` returns for ``n`` rows (normalised space)."""
+
+    recon: Tensor
+    """Reconstruction ``[n, d_out]`` in normalised space, skip connection included."""
     feats: Tensor | None
+    """Dense features ``[n, d_sae]``, or None (sparse architectures asked for no dense features)."""
     codes: SparseCodes | None
+    """Sparse form of the features (sparse architectures)."""
     sparsity: Tensor
-    aux_extra: Tensor | None  # gated via-gate loss, JumpReLU pre-activation loss
+    """The weighted sparsity penalty (scalar)."""
+    aux: Tensor | None
+    """An architecture-specific auxiliary loss (scalar) or None; dead-feature losses are added by the base."""
     prefix: Tensor | None
+    """Nested-dictionary losses (scalar) or None."""
     l0: Tensor
-    fired: Tensor  # ids or mask of features active in this batch
+    """Active features per row ``[n]``."""
+    fired: Tensor
+    """Features active in this batch: a ``[d_sae]`` bool mask or a tensor of feature ids (training mode)."""
 
 
-class SparseAutoencoder(nn.Module):
+class SparseAutoencoder(nn.Module, metaclass=abc.ABCMeta):
     """A sparse autoencoder over ``d_in``-wide activations; see the module docstring for the conventions."""
 
-    _tied_init = True
-    """Initialise ``W_enc`` as ``W_dec.T`` (an SAE's encoder starts as its decoder's transpose)."""
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    """The architecture's config dataclass (its ``architecture`` default is the registered name)."""
+    architecture: ClassVar[str | None] = None
+    """The registered name (set by :func:`~prisma_lightning.sae.registry.register_architecture`)."""
+    sparse_codes: ClassVar[bool] = False
+    """Whether features come as a sparse selection (``SAEOutput.codes``; sparse decode, no dense feature matrix)."""
+    encoder_init_cap: ClassVar[float | None] = 0.1
+    """Encoder rows start as the decoder's transpose, with norm at most this (None: the decoder's norm)."""
+    feature_parameters: ClassVar[dict[str, int]] = {"W_enc": 1, "W_dec": 0, "b_enc": 0}
+    """Per-feature parameters and the axis that indexes features (resampling zeroes their Adam moments there)."""
+    feature_biases: ClassVar[tuple[str, ...]] = ("b_enc",)
+    """Per-feature parameters reset to 0 at initialisation and when a feature is resampled."""
+    saelens_names: ClassVar[tuple[str, ...]] = ()
+    """SAELens ``architecture`` values this class reads."""
+    paper: ClassVar[str] = ""
+    """Citation of the method (README architecture table)."""
+
+    def __new__(cls, cfg: SAEConfig | None = None, *args: Any, **kwargs: Any) -> SparseAutoencoder:
+        if cfg is not None and isinstance(cfg, SAEConfig):
+            target = cls
+            if cls.architecture is None:
+                target = registry.architecture_class(cfg.architecture)
+            elif cls.architecture != cfg.architecture:
+                raise TypeError(
+                    f"{cls.__name__} is the {cls.architecture!r} architecture but the config says "
+                    f"{cfg.architecture!r}; build it with SparseAutoencoder(cfg)."
+                )
+            if isinstance(cfg, TranscoderConfig):
+                from .transcoder import transcoder_class
+
+                target = transcoder_class(target)
+            return super().__new__(target)
+        return super().__new__(cls)
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}; build "
+                "SAEs with SparseAutoencoder(SAEConfig(architecture=..., ...))."
+            )
         self.cfg = cfg
         self.d_in = cfg.d_in
         self.d_sae = int(cfg.d_sae)  # type: ignore[arg-type]
         self.d_out = self._output_width()
         kw = {"dtype": cfg.torch_dtype, "device": torch.device(cfg.device)}
-        self.W_enc = nn.Parameter(torch.empty(self.d_in, self.d_sae, **kw))
-        if cfg.architecture == "gated":
-            self.b_gate = nn.Parameter(torch.zeros(self.d_sae, **kw))
-            self.r_mag = nn.Parameter(torch.zeros(self.d_sae, **kw))
-            self.b_mag = nn.Parameter(torch.zeros(self.d_sae, **kw))
-        else:
-            self.b_enc = nn.Parameter(torch.zeros(self.d_sae, **kw))
-        if cfg.architecture == "jumprelu":
-            self.log_threshold = nn.Parameter(torch.zeros(self.d_sae, **kw))
-        self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_out, **kw))
-        self.b_dec = nn.Parameter(torch.zeros(self.d_out, **kw))
+        self.build_parameters(kw)
         self._build_extra(kw)
-        if cfg.architecture in BATCH_TOPK_FAMILY:
-            self.register_buffer("running_threshold", torch.zeros((), **kw))
-        self.batch_topk_group: Any = None
-        """A ``torch.distributed`` process group: BatchTopK then selects over the union of every rank's batch
-        (set by ``SAEModule`` under DDP, so N processes train exactly like one on the global batch)."""
-        if cfg.architecture == "matryoshka_batchtopk":
-            ends = torch.tensor(cfg.matryoshka_prefixes, device=kw["device"])
-            self.register_buffer("prefix_ends", ends, persistent=False)
         self.register_buffer("steps_since_fired", torch.zeros(self.d_sae, dtype=torch.long, device=kw["device"]))
         self.register_buffer("norm_scale_in", torch.ones((), **kw))
         self.register_buffer("norm_scale_out", torch.ones((), **kw))
         self._norm_fitted = cfg.normalize_activations != "expected_norm"
-        self._ln_stats: tuple[Tensor, Tensor] | None = None
+        self._ln_stats: tuple[Tensor, Tensor, Tensor] | None = None
+        self.folded_norm_scales: tuple[float, float] | None = None
+        """``(s_in, s_out)`` of an ``expected_norm`` SAE loaded in its folded (file) form; see
+        :meth:`unfold_activation_norm`."""
         self.reset_parameters()
 
-    # ------------------------------------------------------------------ construction hooks (Transcoder overrides)
+    # ------------------------------------------------------------------ construction (architecture hooks)
+    def build_parameters(self, kw: dict[str, Any]) -> None:
+        """Create the architecture's parameters (default: ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``)."""
+        self.W_enc = nn.Parameter(torch.empty(self.d_in, self.d_sae, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_out, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out, **kw))
+
     def _output_width(self) -> int:
         return self.d_in
 
     def _build_extra(self, kw: dict[str, Any]) -> None:
-        """Create subclass parameters (the transcoder's skip path and input bias)."""
+        """Create transcoder parameters (the skip path and input bias)."""
 
     def _input_bias(self) -> Tensor | None:
         """The bias subtracted from the normalised input before encoding, if any."""
@@ -156,38 +187,44 @@ class SparseAutoencoder(nn.Module):
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed)
         norm = float(cfg.decoder_init_norm)  # type: ignore[arg-type]
-        enc_norm = norm if cfg.is_topk_family else min(norm, 0.1)
+        cap = type(self).encoder_init_cap
+        enc_norm = norm if cap is None else min(norm, cap)
         w_dec = unit_rows(self.d_sae, self.d_out, norm, gen)
-        tied = self._tied_init and self.d_out == self.d_in
+        tied = self.d_out == self.d_in and not self.is_transcoder
         w_enc_t = w_dec * (enc_norm / norm) if tied else unit_rows(self.d_sae, self.d_in, enc_norm, gen)
+        self.init_weights(w_enc_t, w_dec)
+        for name in self.feature_biases:
+            getattr(self, name).zero_()
+        self.b_dec.zero_()
+        self.reset_feature_state(None)
+
+    def init_weights(self, w_enc_t: Tensor, w_dec: Tensor) -> None:
+        """Write the initial encoder ``w_enc_t [d_sae, d_in]`` (transposed) and decoder ``w_dec [d_sae, d_out]``."""
         self.W_dec.copy_(w_dec)
         self.W_enc.copy_(w_enc_t.t())
-        for name in ("b_enc", "b_gate", "r_mag", "b_mag"):
-            if hasattr(self, name):
-                getattr(self, name).zero_()
-        self.b_dec.zero_()
-        if cfg.architecture == "jumprelu":
-            self.log_threshold.fill_(math.log(cfg.jumprelu_init_threshold))
+
+    def reset_feature_state(self, features: Tensor | None) -> None:
+        """Reset architecture state of ``features`` (all when None) to its initial value, e.g. thresholds."""
+
+    @property
+    def is_transcoder(self) -> bool:
+        return False
 
     def extra_repr(self) -> str:
         return f"architecture={self.cfg.architecture!r}, d_in={self.d_in}, d_sae={self.d_sae}, d_out={self.d_out}"
 
-    # ------------------------------------------------------------------ normalisation
     @property
     def threshold(self) -> Tensor:
-        """Per-feature inference threshold ``[d_sae]`` (jumprelu: ``exp(log_threshold)``; BatchTopK: running)."""
-        if self.cfg.architecture == "jumprelu":
-            return self.log_threshold.exp()
-        if self.cfg.architecture in BATCH_TOPK_FAMILY:
-            return self.running_threshold.expand(self.d_sae)
-        raise AttributeError(f"architecture {self.cfg.architecture!r} has no threshold (only jumprelu and batchtopk)")
+        """Per-feature inference threshold ``[d_sae]`` (architectures with a threshold only)."""
+        raise AttributeError(f"architecture {self.cfg.architecture!r} has no threshold")
 
+    # ------------------------------------------------------------------ normalisation
     def _rows(self, x: Tensor, width: int, name: str) -> Tensor:
         if x.shape[-1] != width:
             raise ValueError(
                 f"{name} has last dimension {x.shape[-1]}, but this SAE expects {width} ({name} [..., {width}])."
             )
-        return x.reshape(-1, width).to(self.W_dec.dtype)
+        return x.reshape(-1, width).to(self.b_dec.dtype)
 
     def _check_fitted(self) -> None:
         if not self._norm_fitted:
@@ -196,7 +233,8 @@ class SparseAutoencoder(nn.Module):
                 "sae.fit_normalization(x_sample) on a sample of activations before using the SAE."
             )
 
-    def _normalize_input(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    def _normalize_input(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+        """Normalised rows and, for per-token modes, the statistics ``(shift, divisor_in, multiplier_out)``."""
         mode = self.cfg.normalize_activations
         if mode == "expected_norm":
             self._check_fitted()
@@ -204,22 +242,25 @@ class SparseAutoencoder(nn.Module):
         if mode == "layer_norm":
             mu = x.mean(-1, keepdim=True)
             xc = x - mu
-            std = xc.std(-1, keepdim=True) + LAYER_NORM_EPS
-            return xc / std, (mu, std)
+            std = xc.std(-1, keepdim=True)
+            return xc / (std + LAYER_NORM_EPS), (mu, std + LAYER_NORM_EPS, std)
+        if mode == "constant_norm_rescale":
+            inv = x.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1])  # 1 / c with c = sqrt(d) / ||x||
+            return x / inv, (torch.zeros_like(inv), inv, inv)
         return x, None
 
-    def _normalize_target(self, y: Tensor, stats: tuple[Tensor, Tensor] | None) -> Tensor:
+    def _normalize_target(self, y: Tensor, stats: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
         if self.cfg.normalize_activations == "expected_norm":
             return y * self.norm_scale_out
         if stats is not None:
             return (y - stats[0]) / stats[1]
         return y
 
-    def _denormalize(self, r: Tensor, stats: tuple[Tensor, Tensor] | None) -> Tensor:
+    def _denormalize(self, r: Tensor, stats: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
         if self.cfg.normalize_activations == "expected_norm":
             return r / self.norm_scale_out
         if stats is not None:
-            return r * stats[1] + stats[0]
+            return r * stats[2] + stats[0]
         return r
 
     @torch.no_grad()
@@ -234,8 +275,11 @@ class SparseAutoencoder(nn.Module):
     @staticmethod
     def _norm_factor(x: Tensor) -> float:
         mean_norm = x.double().norm(dim=-1).mean().item()
-        if not mean_norm > 0:
-            raise ValueError("Cannot fit the activation normalisation: the sample has zero mean norm.")
+        if not (mean_norm > 0 and math.isfinite(mean_norm)):
+            raise ValueError(
+                f"Cannot fit the activation normalisation: the sample's mean norm is {mean_norm} (it must be a "
+                "positive finite number); check the activations for zeros or NaN."
+            )
         return math.sqrt(x.shape[-1]) / mean_norm
 
     @torch.no_grad()
@@ -255,16 +299,40 @@ class SparseAutoencoder(nn.Module):
             )
         self._check_fitted()
         s_in, s_out = self.norm_scale_in.clone(), self.norm_scale_out.clone()
-        self.W_enc.mul_(s_in)
-        self._fold_input_bias(s_in, s_out)
-        self.W_dec.div_(s_out)
-        self.b_dec.div_(s_out)
+        self.fold_scales(s_in, s_out)
         self.norm_scale_in.fill_(1.0)
         self.norm_scale_out.fill_(1.0)
         self.cfg.normalize_activations = "none"
 
+    @torch.no_grad()
+    def unfold_activation_norm(self) -> None:
+        """Undo the folding of a loaded ``expected_norm`` SAE (``folded_norm_scales`` set by the loader): back to
+        weights that read normalised activations, ``normalize_activations='expected_norm'``, so training can go on
+        (unit-norm decoder rows are unit norm again). Outputs stay the same up to float rounding. No-op otherwise."""
+        scales = getattr(self, "folded_norm_scales", None)
+        if scales is None:
+            return
+        s_in, s_out = scales
+        dtype = self.b_dec.dtype
+        self.fold_scales(torch.tensor(1 / s_in, dtype=torch.float64).to(dtype), torch.tensor(1 / s_out).to(dtype))
+        self.norm_scale_in.fill_(s_in)
+        self.norm_scale_out.fill_(s_out)
+        self.cfg.normalize_activations = "expected_norm"
+        self._norm_fitted = True
+        self.folded_norm_scales = None
+
+    def fold_scales(self, s_in: Tensor, s_out: Tensor) -> None:
+        """Rewrite the weights for raw inputs: encoder weights times ``s_in``, decoder and ``b_dec`` over ``s_out``.
+
+        Architectures whose encoder is not ``W_enc`` (or whose thresholds live in input units) extend this.
+        """
+        self.W_enc.mul_(s_in)
+        self._fold_input_bias(s_in, s_out)
+        self.W_dec.div_(s_out)
+        self.b_dec.div_(s_out)
+
     def _fold_input_bias(self, s_in: Tensor, s_out: Tensor) -> None:
-        """SAE: the input bias is ``b_dec``, divided below with the decoder. Transcoders override."""
+        """SAE: the input bias is ``b_dec``, divided with the decoder. Transcoders override."""
 
     @torch.no_grad()
     def initialize_b_dec(self, x_sample: Tensor) -> Tensor:
@@ -280,6 +348,24 @@ class SparseAutoencoder(nn.Module):
         elif method == "geometric_median":
             self.b_dec.copy_(geometric_median(y_n).median)
         return self.b_dec.detach()
+
+    @torch.no_grad()
+    def initialize_from_data(self, x_sample: Tensor, target_sample: Tensor | None = None) -> None:
+        """Everything an SAE learns from a data sample before training: the ``expected_norm`` factor, ``b_dec``, and
+        any architecture-specific initialisation (:meth:`initialize_dictionary`). ``target_sample``: transcoders."""
+        if self.cfg.normalize_activations == "expected_norm":
+            self.fit_normalization(x_sample) if target_sample is None else self.fit_normalization(
+                x_sample, target_sample
+            )
+        if target_sample is None:
+            self.initialize_b_dec(x_sample)
+        else:
+            self.initialize_b_dec(target_sample, x_sample)  # type: ignore[call-arg]
+        x_n = self._normalize_input(self._rows(x_sample, self.d_in, "x_sample"))[0]
+        self.initialize_dictionary(x_n)
+
+    def initialize_dictionary(self, x_n: Tensor) -> None:
+        """Architecture hook: initialise from normalised sample rows ``x_n [n, d_in]`` (e.g. archetype candidates)."""
 
     # ------------------------------------------------------------------ decoder constraints
     @torch.no_grad()
@@ -308,74 +394,56 @@ class SparseAutoencoder(nn.Module):
             self.set_decoder_norm_to_unit_norm()
 
     def sparsity_coefficient(self, step: int | None = None) -> float:
-        """L1 / L0 coefficient at training ``step``, ramped over ``l1_warmup_steps`` (full value if step is None)."""
-        cfg = self.cfg
-        coef = cfg.l0_coefficient if cfg.architecture == "jumprelu" else cfg.l1_coefficient
-        if step is None or cfg.l1_warmup_steps <= 0:
+        """Sparsity coefficient at training ``step``, ramped over ``l1_warmup_steps`` (full value if step is None)."""
+        coef = self.cfg.sparsity_coefficient
+        warmup = self.cfg.l1_warmup_steps
+        if step is None or warmup <= 0:
             return coef
-        return coef * min(1.0, (step + 1) / cfg.l1_warmup_steps)
+        return coef * min(1.0, (step + 1) / warmup)
 
     # ------------------------------------------------------------------ public encode / decode
     def encode(self, x: Tensor) -> Tensor:
-        """Feature activations ``[..., d_sae]`` of ``x [..., d_in]`` (dense; BatchTopK follows train/eval mode)."""
+        """Feature activations ``[..., d_sae]`` of ``x [..., d_in]`` (dense; batch-level selections follow
+        train/eval mode)."""
         lead = x.shape[:-1]
         x_n, stats = self._normalize_input(self._rows(x, self.d_in, "x"))
         self._ln_stats = stats
-        return self._encode_dense(x_n).reshape(*lead, self.d_sae)
+        return self.encode_rows(x_n).reshape(*lead, self.d_sae)
 
-    def _encode_dense(self, x_n: Tensor) -> Tensor:
-        arch, b_in = self.cfg.architecture, self._input_bias()
-        if arch == "gated":
-            return self._gated_parts(x_n)[0]
-        pre = pre_activations(x_n, self.W_enc, self.b_enc, b_in)
-        if arch == "relu":
-            return pre.relu()
-        if arch == "jumprelu":
-            return jumprelu(pre, self.threshold, self.cfg.jumprelu_bandwidth)
-        if arch == "topk":
-            values, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
-            return torch.zeros_like(pre).scatter(-1, idx, values.relu())
-        if self.training:
-            values, pattern = batch_topk_select(pre, self.cfg.k, self.batch_topk_group)
-        else:
-            values, pattern = threshold_select(pre, self.running_threshold)
-        return self._densify(values, pattern)
+    @abc.abstractmethod
+    def encode_rows(self, x_n: Tensor) -> Tensor:
+        """Architecture hook: dense features ``[n, d_sae]`` of normalised rows ``x_n [n, d_in]``."""
 
     def decode(self, feats: Tensor) -> Tensor:
         """Reconstruction ``[..., d_out]`` in the raw space from ``feats [..., d_sae]``.
 
-        ``layer_norm`` SAEs un-normalise with the statistics of the tokens last given to :meth:`encode`.
+        ``layer_norm`` / ``constant_norm_rescale`` SAEs un-normalise with the statistics of the tokens last given
+        to :meth:`encode`.
         """
         lead = feats.shape[:-1]
         f = self._rows(feats, self.d_sae, "feats")
         stats = None
-        if self.cfg.normalize_activations == "layer_norm":
+        if self.cfg.normalize_activations in ("layer_norm", "constant_norm_rescale"):
             stats = self._ln_stats
             if stats is None or stats[0].shape[0] != f.shape[0]:
                 raise ValueError(
-                    "A layer_norm SAE un-normalises with the statistics of the tokens last passed to encode(); call "
-                    "encode() on the same tokens first, or use forward()."
+                    f"A {self.cfg.normalize_activations} SAE un-normalises with the statistics of the tokens last "
+                    "passed to encode(); call encode() on the same tokens first, or use forward()."
                 )
-        return self._denormalize(self._decode_rows(f), stats).reshape(*lead, self.d_out)
+        return self._denormalize(self.decode_rows(f), stats).reshape(*lead, self.d_out)
 
-    def _decode_rows(self, f: Tensor) -> Tensor:
-        if self.cfg.is_topk_family:
-            values, pattern = dense_to_pattern(f)
-            return sparse_decode(values, self.W_dec, pattern) + self.b_dec
+    def decode_rows(self, f: Tensor) -> Tensor:
+        """Architecture hook: normalised-space reconstruction ``[n, d_out]`` of dense features ``f [n, d_sae]``."""
         return torch.addmm(self.b_dec, f, self.W_dec)
-
-    @staticmethod
-    def _densify(values: Tensor, pattern: SparsePattern) -> Tensor:
-        dense = values.new_zeros(pattern.n_rows, pattern.n_features)
-        return dense.index_put((pattern.rows, pattern.indices), values)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, step: int | None = None, *, return_feats: bool = True) -> SAEOutput:
         """Encode, decode and compute the losses for ``x [..., d_in]``.
 
-        ``step`` (the training step) drives the sparsity-coefficient warm-up. In training mode the forward also
-        updates the dead-feature counter ``steps_since_fired`` and (BatchTopK) the running threshold.
-        ``return_feats=False`` skips densifying TopK-family features (``feats`` is then None).
+        ``step`` (the training step) drives the sparsity-coefficient warm-up and any schedule of the architecture.
+        In training mode the forward also updates the dead-feature counter ``steps_since_fired`` (and running
+        statistics such as BatchTopK's threshold). ``return_feats=False`` lets sparse architectures skip the dense
+        feature matrix (``feats`` is then None).
         """
         return self._forward(x, None, step, return_feats)
 
@@ -386,21 +454,13 @@ class SparseAutoencoder(nn.Module):
             target_n = x_n
         else:
             target_n = self._normalize_target(self._rows(target, self.d_out, "target"), stats)
-        arch = self.cfg.architecture
-        if arch == "relu":
-            p = self._pass_relu(x_n, step)
-        elif self.cfg.is_topk_family:
-            p = self._pass_topk(x_n, target_n, return_feats)
-        elif arch == "jumprelu":
-            p = self._pass_jumprelu(x_n, step)
-        else:
-            p = self._pass_gated(x_n, target_n, step)
+        p = self.pass_rows(x_n, target_n, step, return_feats)
         mse_tok = (p.recon - target_n).pow(2).sum(-1)
         mse = mse_tok.mean()
         zero = mse.new_zeros(())
-        aux = p.aux_extra if p.aux_extra is not None else zero
+        aux = p.aux if p.aux is not None else zero
         if self.training:
-            aux = aux + self._dead_feature_loss(x_n, target_n, p.recon, mse_tok)
+            aux = aux + self.dead_feature_loss(x_n, target_n, p.recon, mse_tok)
             self._record_firing(p.fired)
         prefix = p.prefix if p.prefix is not None else zero
         loss = mse + p.sparsity + aux + prefix
@@ -408,93 +468,22 @@ class SparseAutoencoder(nn.Module):
         recon = self._denormalize(p.recon, stats).reshape(*lead, self.d_out)
         return SAEOutput(recon, feats, loss, mse, p.sparsity, aux, prefix, p.l0.reshape(lead), p.codes)
 
-    def _pass_relu(self, x_n: Tensor, step: int | None) -> _Pass:
-        coef = self.sparsity_coefficient(step)
-        args = (x_n, self.W_enc, self.b_enc, self._input_bias(), self.W_dec, self.b_dec, coef > 0)
-        feats, recon, l1, l0 = relu_sae(*args)
-        sparsity = coef * l1.mean() if l1 is not None else recon.new_zeros(())
-        recon = self._add_skip(recon, x_n)
+    def pass_rows(self, x_n: Tensor, target_n: Tensor, step: int | None, return_feats: bool) -> Pass:
+        """Architecture hook: encode and decode normalised rows, with the architecture's own losses.
+
+        The default encodes densely (:meth:`encode_rows`), decodes (:meth:`decode_rows`) and has no penalty.
+        """
+        feats = self.encode_rows(x_n)
+        recon = self._add_skip(self.decode_rows(feats), x_n)
+        return Pass(recon, feats, None, recon.new_zeros(()), None, None, *self._count(feats))
+
+    def _count(self, feats: Tensor) -> tuple[Tensor, Tensor]:
+        """``(l0 [n], fired)`` of dense features (``fired`` is empty outside training)."""
         with torch.no_grad():
-            fired = feats.amax(0) > 0 if self.training else feats.new_zeros(0)
-        return _Pass(recon, feats, None, sparsity, None, None, l0, fired)
-
-    def _pass_jumprelu(self, x_n: Tensor, step_: int | None) -> _Pass:
-        theta, bw, b_in = self.threshold, self.cfg.jumprelu_bandwidth, self._input_bias()
-        feats, recon, active, fired = jumprelu_sae(x_n, self.W_enc, self.b_enc, b_in, self.W_dec, self.b_dec, theta, bw)
-        if self.cfg.jumprelu_sparsity_loss == "tanh":
-            penalty = torch.tanh(self.cfg.jumprelu_tanh_scale * feats * self.W_dec.norm(dim=1)).sum(-1)
-        else:
-            penalty = active
-        sparsity = self.sparsity_coefficient(step_) * penalty.mean()
-        recon = self._add_skip(recon, x_n)
-        aux = None
-        if self.training and self.cfg.jumprelu_pre_act_coefficient > 0:
-            dead = self.dead_features()
-            if dead.numel():  # pull dead features' pre-activations up to their thresholds
-                pre_dead = pre_activations(x_n, self.W_enc[:, dead], self.b_enc[dead], b_in)
-                gap = (theta[dead] - pre_dead).relu() * self.W_dec[dead].norm(dim=1)
-                aux = self.cfg.jumprelu_pre_act_coefficient * gap.sum(-1).mean()
-        return _Pass(recon, feats, None, sparsity, aux, None, active.detach(), fired)
-
-    def _gated_parts(self, x_n: Tensor) -> tuple[Tensor, Tensor]:
-        b_in = self._input_bias()
-        h = (x_n if b_in is None else x_n - b_in) @ self.W_enc  # one matmul serves both paths (W_mag = W_gate*e^r)
-        pi_gate = h + self.b_gate
-        magnitude = torch.relu(h * self.r_mag.exp() + self.b_mag)
-        return (pi_gate > 0).to(h.dtype) * magnitude, pi_gate
-
-    def _pass_gated(self, x_n: Tensor, target_n: Tensor, step: int | None) -> _Pass:
-        feats, pi_gate = self._gated_parts(x_n)
-        recon = self._add_skip(torch.addmm(self.b_dec, feats, self.W_dec), x_n)
-        gate_acts = pi_gate.relu()
-        sparsity = self.sparsity_coefficient(step) * (gate_acts @ self.W_dec.norm(dim=1)).mean()
-        via_gate = torch.addmm(self.b_dec.detach(), gate_acts, self.W_dec.detach())
-        via_gate = self._add_skip(via_gate, x_n, detach=True)
-        aux = (via_gate - target_n).pow(2).sum(-1).mean()
-        with torch.no_grad():
-            l0 = torch.linalg.vector_norm(feats, ord=0, dim=-1)
-            fired = (feats.amax(0) > 0) if self.training else feats.new_zeros(0)
-        return _Pass(recon, feats, None, sparsity, aux, None, l0, fired)
-
-    def _pass_topk(self, x_n: Tensor, target_n: Tensor, return_feats: bool) -> _Pass:
-        cfg, arch = self.cfg, self.cfg.architecture
-        matryoshka = arch == "matryoshka_batchtopk"
-        if arch == "topk":
-            select = lambda pre: topk_select(pre, cfg.k)  # noqa: E731
-        elif self.training:
-            select = lambda pre: batch_topk_select(pre, cfg.k, self.batch_topk_group)  # noqa: E731
-        else:
-            threshold = self.running_threshold
-            select = lambda pre: threshold_select(pre, threshold)  # noqa: E731
-        values, pattern = sparse_encode(x_n, self.W_enc, self.b_enc, self._input_bias(), select)
-        prefix = None
-        if matryoshka:
-            # Decode each (token, feature group) bag once; cumulative sums give every prefix's reconstruction.
-            groups = group_pattern(pattern, self.prefix_ends)
-            parts = sparse_decode(values, self.W_dec, groups).view(pattern.n_rows, -1, self.d_out)
-            recons = self._add_skip(parts.cumsum(1) + self.b_dec, x_n, expand=True)
-            recon = recons[:, -1]
-            prefix = (recons[:, :-1] - target_n[:, None]).pow(2).sum(-1).mean(0).sum()
-        else:
-            recon = self._add_skip(sparse_decode(values, self.W_dec, pattern) + self.b_dec, x_n)
-        with torch.no_grad():
-            active = values > 0
-            if arch == "topk":
-                l0 = active.view(pattern.n_rows, cfg.k).sum(-1)
-            else:
-                l0 = torch.bincount(pattern.rows, weights=active.to(values.dtype), minlength=pattern.n_rows)
-            fired = pattern.indices if bool(active.all()) else pattern.indices[active]
-            if self.training and arch != "topk":
-                # the smallest selected value (batch selections keep positive values only), over all ranks
-                m = values.min() if values.numel() else values.new_full((), math.inf)
-                if self.batch_topk_group is not None:
-                    torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MIN, group=self.batch_topk_group)
-                if bool(torch.isfinite(m)):
-                    rt = self.running_threshold
-                    rt.copy_(torch.where(rt == 0, m, (1 - THRESHOLD_EMA) * rt + THRESHOLD_EMA * m))
-        feats = self._densify(values, pattern) if return_feats else None
-        codes = SparseCodes(pattern.indices, values, pattern.offsets)
-        return _Pass(recon, feats, codes, values.new_zeros(()), None, prefix, l0.to(values.dtype), fired)
+            active = feats > 0
+            l0 = active.sum(-1, dtype=torch.int32).to(feats.dtype)
+            fired = active.any(0) if self.training else feats.new_zeros(0, dtype=torch.bool)
+        return l0, fired
 
     def _add_skip(self, recon: Tensor, x_n: Tensor, detach: bool = False, expand: bool = False) -> Tensor:
         skip = self._skip(x_n.detach() if detach else x_n)
@@ -506,11 +495,7 @@ class SparseAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ dead features
     def dead_features(self) -> Tensor:
-        """Ids of features that have not fired for ``dead_feature_window`` training steps, ``[n_dead]``.
-
-        ``steps_since_fired`` is counted per process; under DDP a trainer should all-reduce it with ``MIN`` now
-        and then, so that every rank sees a feature as alive if it fired anywhere.
-        """
+        """Ids of features that have not fired for ``dead_feature_window`` training steps, ``[n_dead]``."""
         return (self.steps_since_fired >= self.cfg.dead_feature_window).nonzero().squeeze(1)
 
     @torch.no_grad()
@@ -521,26 +506,73 @@ class SparseAutoencoder(nn.Module):
         else:
             self.steps_since_fired.index_fill_(0, fired, 0)
 
-    def _dead_feature_loss(self, x_n: Tensor, target_n: Tensor, recon: Tensor, mse_tok: Tensor) -> Tensor:
-        cfg = self.cfg
-        use_auxk = cfg.is_topk_family and cfg.aux_k_coefficient > 0
-        if not (use_auxk or cfg.ghost_grads):
-            return recon.new_zeros(())
-        dead = self.dead_features()
-        if dead.numel() == 0:
-            return recon.new_zeros(())
-        residual = (target_n - recon).detach()
-        args = (self.W_enc, self.b_enc, self._input_bias(), self.W_dec, dead)
-        if use_auxk:
-            return cfg.aux_k_coefficient * losses.auxk_loss(x_n, residual, *args, aux_k=int(cfg.aux_k))
-        return losses.ghost_grads_loss(x_n, residual, mse_tok, *args)
+    def dead_feature_loss(self, x_n: Tensor, target_n: Tensor, recon: Tensor, mse_tok: Tensor) -> Tensor:
+        """Architecture hook: a loss that revives dead features (AuxK, ghost grads); 0 by default."""
+        return recon.new_zeros(())
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        if prefix + "norm_scale_in" in state_dict:
-            self._norm_fitted = True
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    # ------------------------------------------------------------------ resampling
+    @torch.no_grad()
+    def resample_features(self, features: Tensor, decoder_dirs: Tensor, encoder_dirs: Tensor, scale: float) -> None:
+        """Give ``features`` new unit decoder rows ``decoder_dirs [n, d_out]`` and encoder rows along
+        ``encoder_dirs [n, d_in]`` at ``scale`` x the mean encoder norm of the other features; reset their biases
+        and state (Anthropic's resampling). Architectures whose weights are derived override this."""
+        alive = torch.ones(self.d_sae, dtype=torch.bool, device=features.device)
+        alive[features] = False
+        enc_norms = self.W_enc.norm(dim=0)
+        mean_norm = float(enc_norms[alive].mean()) if bool(alive.any()) else 1.0
+        self.W_dec[features] = decoder_dirs
+        self.W_enc[:, features] = (encoder_dirs * (scale * mean_norm)).t()
+        for name in self.feature_biases:
+            getattr(self, name)[features] = 0
+        self.reset_feature_state(features)
+        self.steps_since_fired[features] = 0
+
+    # ------------------------------------------------------------------ distributed training
+    def set_process_group(self, group: Any) -> None:
+        """Architecture hook: the ``torch.distributed`` group a batch-level selection spans (DDP); None: local."""
+
+    @torch.no_grad()
+    def sync_statistics(self, world_size: int) -> None:
+        """Make training statistics global under DDP (call on every rank after each step): a feature fired if it
+        fired on any rank. Architectures with running statistics extend this."""
+        torch.distributed.all_reduce(self.steps_since_fired, op=torch.distributed.ReduceOp.MIN)
 
     # ------------------------------------------------------------------ files
+    def file_tensors(self) -> dict[str, Tensor]:
+        """The tensors of ``sae_weights.safetensors`` in SAELens's names and layouts (views of the parameters)."""
+        return {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
+
+    @torch.no_grad()
+    def load_file_tensor(self, name: str, value: Tensor, file: Path | str) -> None:
+        """Copy one tensor of a weights file into the SAE (after the shapes were checked)."""
+        getattr(self, name).copy_(value)
+
+    def file_shape_ok(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether a file tensor's ``shape`` is acceptable for ``name`` (default: the exact shape)."""
+        return tuple(self.file_tensors()[name].shape) == shape
+
+    def saelens_fields(self) -> dict[str, Any]:
+        """Architecture-specific SAELens ``cfg.json`` fields (``architecture`` and its options)."""
+        return {"architecture": self.saelens_names[0] if self.saelens_names else self.cfg.architecture}
+
+    @classmethod
+    def config_from_saelens(cls, raw: dict[str, Any], file: Path) -> dict[str, Any]:
+        """Architecture-specific config fields read from a SAELens ``cfg.json`` (e.g. ``k``)."""
+        return {}
+
+    def after_saelens_load(self, raw: dict[str, Any]) -> None:
+        """Architecture hook: adjust weights loaded from a SAELens folder to what SAELens computes with them (e.g.
+        fold ``rescale_acts_by_decoder_norm``)."""
+
+    #: Names of architecture-specific safetensors files written beside ``sae_weights.safetensors`` (SAELens reads
+    #: weights strictly, so extra tensors go to their own files); downloaded by ``from_pretrained`` when present.
+    extra_file_names: tuple[str, ...] = ()
+
+    def extra_files(self) -> dict[str, dict[str, Tensor]]:
+        """Architecture hook: ``{file name: tensors}`` for each of :attr:`extra_file_names`, taken from the SAE as it
+        is written (with any ``expected_norm`` factor already folded in)."""
+        return {}
+
     def save(self, path: str | Path, sparsity: Tensor | None = None) -> Path:
         """Write ``cfg.json`` + ``sae_weights.safetensors`` (+ ``sparsity.safetensors``) into folder ``path``."""
         from .io import save_sae
@@ -562,3 +594,8 @@ class SparseAutoencoder(nn.Module):
         from .io import sae_from_pretrained
 
         return sae_from_pretrained(repo_id, subfolder=subfolder, revision=revision, device=device, expected=cls)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        if prefix + "norm_scale_in" in state_dict:
+            self._norm_fitted = True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

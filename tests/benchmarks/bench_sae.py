@@ -1,26 +1,25 @@
-"""SAE training-step speed against the dense matmul floor (prints one markdown table of ratios).
+"""SAE training-step speed of every registered architecture against the dense GEMM floor (prints markdown tables).
 
-    python tests/benchmarks/bench_sae.py [--d-in 768] [--expansion 16] [--batch 2048] [--k 64] [--repeats 7]
+    python tests/benchmarks/bench_sae.py [--d-in 768] [--expansion 16] [--batch 2048] [--k 64] [--repeats 9]
 
-The floor is the five GEMMs a dense SAE step cannot avoid: encoder forward ``x @ W_enc``, decoder forward
-``f @ W_dec``, decoder input gradient ``g @ W_dec.T``, decoder weight gradient ``f.T @ g`` and encoder weight
-gradient ``x.T @ G``, each producing a fresh output as in a real step (``x [B, d_in]``, ``f, G [B, d_sae]``,
-``g [B, d_in]``). The cases:
+The floor is the five dense GEMMs a step of a dense SAE cannot avoid -- encoder forward ``x @ W_enc``, decoder
+forward ``f @ W_dec``, the decoder's input gradient ``g @ W_dec.T`` and weight gradient ``f.T @ g``, and the
+encoder's weight gradient ``x.T @ G`` (``x [B, d_in]``, ``f, G [B, d_sae]``, ``g [B, d_in]``) -- on the SAE's own
+weight layouts, each writing into an output buffer allocated once (``out=``), so the floor times arithmetic, not
+the allocator. Each row is a full ``train_step`` (forward, losses, backward, decoder-norm processing, Adam) of an
+architecture with its default config (plus the options in ``OPTIONS``, e.g. ``k``), initialised from a data sample
+as the trainer does. Every architecture in :func:`prisma_lightning.sae.architecture_names` gets a row, including
+ones registered after this script was written.
 
-(a) ReLU SAE: a full ``train_step`` (forward, MSE + norm-weighted L1, backward, Adam, decoder processing) / floor;
-    target <= 1.2.
-(b) TopK SAE (k=64): the same step with the index-based sparse decoder and encoder backward / floor; target <= 0.6.
-
-The other architectures (BatchTopK, Matryoshka BatchTopK, JumpReLU, Gated) are timed against the same floor.
-
-Each case is a function returning a zero-argument callable; ``main`` times all of them interleaved (so drifts in
-machine load hit every case alike) and prints medians and ratios. New cases: add a builder to ``CASES`` and a
-row to ``RATIOS``.
+All cases are timed interleaved in one process (each round runs every case once, so drifts in machine load hit
+them alike); the tables report the median, the spread (min - max) and the ratio of medians to the floor's. One
+reference row times the same GEMMs allocating fresh outputs, the floor of earlier versions of this script.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -29,9 +28,22 @@ from collections.abc import Callable
 
 import torch
 
-from prisma_lightning.sae import SAEConfig, SparseAutoencoder, make_optimizer, train_step
+from prisma_lightning.sae import SAEConfig, SparseAutoencoder, architecture_names, config_class, make_optimizer
+from prisma_lightning.sae import train_step as sae_train_step
 
-Builder = Callable[[argparse.Namespace], Callable[[], object]]
+FLOOR = "GEMM floor (5 matmuls, preallocated outputs)"
+FRESH = "the same GEMMs with fresh outputs (reference)"
+OPTIONS: dict[str, dict[str, object]] = {}
+"""Non-default options per architecture name, on top of ``k`` (given to every architecture that has the field)."""
+TARGETS: dict[str, str] = {
+    "relu": "<= 1.2",
+    "topk": "<= 0.5",
+    "batchtopk": "<= 0.5",
+    "matryoshka_batchtopk": "<= 0.5",
+    "jumprelu": "<= 1.2",
+    "gated": "<= 1.6",
+}
+"""Targets of the ratio to the floor (other architectures: reported)."""
 
 
 def _inputs(args: argparse.Namespace) -> torch.Tensor:
@@ -40,104 +52,107 @@ def _inputs(args: argparse.Namespace) -> torch.Tensor:
 
 
 def gemm_floor(args: argparse.Namespace) -> Callable[[], object]:
-    """The five dense matmuls of a ReLU SAE step, on the SAE's own weight layouts."""
-    sae = SparseAutoencoder(SAEConfig(d_in=args.d_in, expansion_factor=args.expansion))
+    """The five dense GEMMs of a step, on a ReLU SAE's weight layouts, into preallocated outputs."""
+    sae = SparseAutoencoder(SAEConfig(d_in=args.d_in, expansion_factor=args.expansion, architecture="relu"))
     x, W_enc, W_dec = _inputs(args), sae.W_enc.detach(), sae.W_dec.detach()
-    f = torch.randn(args.batch, sae.d_sae)
-    g = torch.randn(args.batch, args.d_in)
+    gen = torch.Generator().manual_seed(1)
+    f = torch.randn(args.batch, sae.d_sae, generator=gen)
+    g = torch.randn(args.batch, args.d_in, generator=gen)
+    pre, recon, grad_f = torch.empty_like(f), torch.empty_like(g), torch.empty_like(f)
+    grad_W_dec, grad_W_enc = torch.empty_like(W_dec), torch.empty_like(W_enc)
 
     def run() -> None:
-        torch.mm(x, W_enc)  # encoder forward
-        torch.mm(f, W_dec)  # decoder forward
-        torch.mm(g, W_dec.t())  # decoder: gradient of the features
-        torch.mm(f.t(), g)  # decoder: weight gradient [d_sae, d_in]
-        torch.mm(x.t(), f)  # encoder: weight gradient [d_in, d_sae] (the feature gradient has f's shape)
+        torch.mm(x, W_enc, out=pre)  # encoder forward [B, d_sae]
+        torch.mm(f, W_dec, out=recon)  # decoder forward [B, d_in]
+        torch.mm(g, W_dec.t(), out=grad_f)  # decoder: gradient of the features [B, d_sae]
+        torch.mm(f.t(), g, out=grad_W_dec)  # decoder: weight gradient [d_sae, d_in]
+        torch.mm(x.t(), f, out=grad_W_enc)  # encoder: weight gradient [d_in, d_sae] (G has f's shape)
 
     return run
 
 
-def _train_step_case(cfg: SAEConfig, args: argparse.Namespace) -> Callable[[], object]:
-    sae = SparseAutoencoder(cfg)
-    x = _inputs(args)
-    sae.initialize_b_dec(x[:256])
-    optimizer = make_optimizer(sae, lr=1e-4)
-    state = {"step": 0}
+def gemm_floor_fresh(args: argparse.Namespace) -> Callable[[], object]:
+    """The same five GEMMs allocating a fresh output each (the floor of earlier versions, for reference only)."""
+    sae = SparseAutoencoder(SAEConfig(d_in=args.d_in, expansion_factor=args.expansion, architecture="relu"))
+    x, W_enc, W_dec = _inputs(args), sae.W_enc.detach(), sae.W_dec.detach()
+    gen = torch.Generator().manual_seed(1)
+    f = torch.randn(args.batch, sae.d_sae, generator=gen)
+    g = torch.randn(args.batch, args.d_in, generator=gen)
 
     def run() -> None:
-        train_step(sae, optimizer, x, step=state["step"])
-        state["step"] += 1
+        torch.mm(x, W_enc)
+        torch.mm(f, W_dec)
+        torch.mm(g, W_dec.t())
+        torch.mm(f.t(), g)
+        torch.mm(x.t(), f)
 
     return run
 
 
-def relu_train_step(args: argparse.Namespace) -> Callable[[], object]:
-    """(a) ReLU SAE, L1 weighted by decoder norms, free decoder."""
-    cfg = SAEConfig(d_in=args.d_in, expansion_factor=args.expansion, architecture="relu", b_dec_init="mean")
-    return _train_step_case(cfg, args)
-
-
-def topk_train_step(args: argparse.Namespace) -> Callable[[], object]:
-    """(b) TopK SAE, unit-norm decoder (gradient projection and renormalisation included)."""
-    cfg = SAEConfig(d_in=args.d_in, expansion_factor=args.expansion, architecture="topk", k=args.k, b_dec_init="mean")
-    return _train_step_case(cfg, args)
-
-
-def architecture_step(architecture: str) -> Builder:
-    """A train_step case for any other architecture, at the same sizes (k for the TopK family)."""
+def architecture_step(architecture: str) -> Callable[[argparse.Namespace], Callable[[], object]]:
+    """A ``train_step`` case for ``architecture`` with its default config at the benchmark's sizes."""
 
     def build(args: argparse.Namespace) -> Callable[[], object]:
-        k = args.k if architecture in ("batchtopk", "matryoshka_batchtopk") else None
-        cfg = SAEConfig(d_in=args.d_in, expansion_factor=args.expansion, architecture=architecture, k=k,
-                        b_dec_init="mean")  # fmt: skip
-        return _train_step_case(cfg, args)
+        fields = {f.name for f in dataclasses.fields(config_class(architecture))}
+        extra = {"k": args.k} if "k" in fields else {}
+        cfg = SAEConfig(d_in=args.d_in, expansion_factor=args.expansion, architecture=architecture,
+                        b_dec_init="mean", **extra, **OPTIONS.get(architecture, {}))  # fmt: skip
+        sae = SparseAutoencoder(cfg)
+        x = _inputs(args)
+        sae.initialize_from_data(
+            torch.randn(max(4096, args.batch), args.d_in, generator=torch.Generator().manual_seed(2))
+        )
+        optimizer = make_optimizer(sae, lr=1e-4)
+        state = {"step": 0}
 
-    build.__doc__ = f"{architecture} SAE train_step."
+        def run() -> None:
+            sae_train_step(sae, optimizer, x, step=state["step"])
+            state["step"] += 1
+
+        return run
+
     return build
 
 
-FLOOR = "dense GEMM floor (5 matmuls)"
-CASES: dict[str, Builder] = {
-    FLOOR: gemm_floor,
-    "ReLU SAE train_step": relu_train_step,
-    "TopK SAE train_step": topk_train_step,
-    "BatchTopK SAE train_step": architecture_step("batchtopk"),
-    "Matryoshka BatchTopK SAE train_step": architecture_step("matryoshka_batchtopk"),
-    "JumpReLU SAE train_step": architecture_step("jumprelu"),
-    "Gated SAE train_step": architecture_step("gated"),
-}
-RATIOS: list[tuple[str, str, str, str]] = [
-    # (label, numerator case, denominator case, target)
-    ("(a) ReLU train_step / GEMM floor", "ReLU SAE train_step", FLOOR, "<= 1.2"),
-    ("(b) TopK train_step / GEMM floor", "TopK SAE train_step", FLOOR, "<= 0.6"),
-    ("BatchTopK train_step / GEMM floor", "BatchTopK SAE train_step", FLOOR, "<= 0.6"),
-    ("Matryoshka BatchTopK train_step / GEMM floor", "Matryoshka BatchTopK SAE train_step", FLOOR, "report"),
-    ("JumpReLU train_step / GEMM floor", "JumpReLU SAE train_step", FLOOR, "<= 1.2"),
-    ("Gated train_step / GEMM floor", "Gated SAE train_step", FLOOR, "report"),
-]
+def cases() -> dict[str, Callable[[argparse.Namespace], Callable[[], object]]]:
+    """The floor, then one train-step case per registered architecture."""
+    return {
+        FLOOR: gemm_floor,
+        FRESH: gemm_floor_fresh,
+        **{name: architecture_step(name) for name in architecture_names()},
+    }
 
 
-def ratio_rows(quick: bool = False) -> list[tuple[str, float, str]]:
-    """The ratios above as ``(label, median ratio, target)`` rows (for run_all.py)."""
-    args = argparse.Namespace(d_in=768, expansion=4 if quick else 16, batch=512 if quick else 2048, k=64,
-                              repeats=3 if quick else 7, warmup=1 if quick else 2)  # fmt: skip
-    samples = time_interleaved({name: build(args) for name, build in CASES.items()}, args.repeats, args.warmup)
-    med = {name: statistics.median(ts) for name, ts in samples.items()}
-    size = f"d_in {args.d_in}, d_sae {args.d_in * args.expansion}, batch {args.batch}"
-    return [(f"SAE {label} ({size})", med[num] / med[den], target) for label, num, den, target in RATIOS]
-
-
-def time_interleaved(cases: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
     """Wall-clock seconds of each case, ``repeats`` times, cases interleaved within each round."""
-    for fn in cases.values():
+    for fn in fns.values():
         for _ in range(warmup):
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in cases}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        for name, fn in cases.items():
+        for name, fn in fns.items():
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
     return samples
+
+
+def measure(args: argparse.Namespace) -> dict[str, list[float]]:
+    torch.manual_seed(0)
+    return time_interleaved({name: build(args) for name, build in cases().items()}, args.repeats, args.warmup)
+
+
+def ratio_rows(quick: bool = False) -> list[tuple[str, float, str]]:
+    """``(label, median ratio to the floor, target)`` per architecture (for run_all.py)."""
+    args = argparse.Namespace(d_in=768, expansion=4 if quick else 16, batch=512 if quick else 2048, k=64,
+                              repeats=3 if quick else 9, warmup=1 if quick else 2)  # fmt: skip
+    med = {name: statistics.median(ts) for name, ts in measure(args).items()}
+    size = f"d_in {args.d_in}, d_sae {args.d_in * args.expansion}, batch {args.batch}"
+    return [
+        (f"SAE {name} train_step / GEMM floor ({size})", med[name] / med[FLOOR], TARGETS.get(name, "report"))
+        for name in med
+        if name not in (FLOOR, FRESH)
+    ]
 
 
 def machine() -> str:
@@ -147,7 +162,8 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    load = ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads{load}"
 
 
 def main() -> None:
@@ -156,27 +172,33 @@ def main() -> None:
     parser.add_argument("--expansion", type=int, default=16)
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--architectures", nargs="*", default=None, help="default: every registered one")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    before = machine()
+    builders = cases()
+    if args.architectures:
+        builders = {k: v for k, v in builders.items() if k in (FLOOR, FRESH) or k in args.architectures}
     torch.manual_seed(0)
-    samples = time_interleaved({name: build(args) for name, build in CASES.items()}, args.repeats, args.warmup)
+    samples = time_interleaved({name: build(args) for name, build in builders.items()}, args.repeats, args.warmup)
     med = {name: statistics.median(ts) for name, ts in samples.items()}
-    best = {name: min(ts) for name, ts in samples.items()}
     d_sae = args.d_in * args.expansion
     print(
-        f"\nbench_sae: d_in {args.d_in}, d_sae {d_sae}, batch {args.batch}, k {args.k}, float32, CPU; "
-        f"{machine()}; median (and min) of {args.repeats} interleaved runs\n"
+        f"\nbench_sae: d_in {args.d_in}, d_sae {d_sae}, batch {args.batch}, k {args.k}, float32, CPU; {args.repeats} "
+        f"interleaved rounds\nbefore: {before}\nafter:  {machine()}\n"
     )
-    print("| case | median s | min s |\n| --- | --- | --- |")
-    for name in CASES:
-        print(f"| {name} | {med[name]:.3f} | {best[name]:.3f} |")
-    print("\n| ratio | median | from mins | target |\n| --- | --- | --- | --- |")
-    for label, num, den, target in RATIOS:
-        print(f"| {label} | {med[num] / med[den]:.2f} | {best[num] / best[den]:.2f} | {target} |")
+    print("| case | median s | min - max s | ratio to floor (medians) | ratio of mins | target |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    floor_min = min(samples[FLOOR])
+    for name, ts in samples.items():
+        ratio = "1" if name == FLOOR else f"{med[name] / med[FLOOR]:.2f}"
+        mins = "1" if name == FLOOR else f"{min(ts) / floor_min:.2f}"
+        target = "" if name in (FLOOR, FRESH) else TARGETS.get(name, "report")
+        print(f"| {name} | {med[name]:.3f} | {min(ts):.3f} - {max(ts):.3f} | {ratio} | {mins} | {target} |")
 
 
 if __name__ == "__main__":

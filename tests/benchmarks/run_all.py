@@ -1,6 +1,6 @@
 """Run every benchmark and write one markdown table of ratios (``tests/benchmarks/RESULTS.md``).
 
-    python tests/benchmarks/run_all.py            # full sizes (about 15-25 minutes on 2 CPU cores)
+    python tests/benchmarks/run_all.py            # full sizes (about 30-40 minutes on 2 CPU cores)
     python tests/benchmarks/run_all.py --quick    # smaller sizes and fewer repeats, for a smoke run
 
 Each ratio is measured within one process run (medians of repeated, interleaved timings where applicable).
@@ -82,13 +82,40 @@ def sae_rows(quick: bool) -> list[tuple[str, float, str]]:
     return rows
 
 
+def multi_sae_rows(quick: bool) -> list[tuple[str, float, str]]:
+    import bench_multi_sae as multi
+
+    steps, batch, repeats = (2, 4, 1) if quick else (4, 8, 2)
+    a = multi.amortisation(steps=steps, batch=batch, repeats=repeats)
+    s = multi.sweep(steps=steps, batch=batch, repeats=repeats)
+    m = multi.memory(batch=batch, repeats=repeats)
+    return [("12 SAEs on 12 layers in one run / 12 runs (wall time, ViT-S/16)", a["ratio"], "<= 0.35"),
+            ("8-coefficient sweep on one hook in one run / 8 runs", s["ratio"], "<= 0.3"),
+            ("peak memory of the 12-SAE run / buffers + SAEs needed", m["ratio"], "<= 1.15")]  # fmt: skip
+
+
+def atlas_rows(quick: bool) -> list[tuple[str, float, str]]:
+    import bench_atlas as atlas
+
+    images, repeats = (1000, 2) if quick else (5000, 5)
+    q = atlas.quickstart_throughput(None, images, 250, repeats)
+    rows = [("atlas pass / forward + encode, dSprites ViT-2L, SAE 1024", q["ratio"], "<= 1.3")]
+    if not quick:
+        v = atlas.vit_s_throughput(64, 32, 3)
+        rows.append(("atlas pass / forward + encode, ViT-S/16, SAE 16384", v["ratio"], "<= 1.3"))
+    sizes = (2000, 10_000) if quick else (10_000, 50_000)
+    m = atlas.peak_memory(sizes, None, 1)
+    rows.append((f"atlas peak memory, {sizes[1]:,} / {sizes[0]:,} images", m["ratio"], "~1"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows = backbone_rows(args.quick) + sae_rows(args.quick)
+    rows = backbone_rows(args.quick) + sae_rows(args.quick) + multi_sae_rows(args.quick) + atlas_rows(args.quick)
     date = datetime.date.today().isoformat()
     lines = [f"Benchmarks ({'quick' if args.quick else 'full'} run, {date}): {machine()}", "",
              "| benchmark | ratio | target |", "| --- | --- | --- |"]  # fmt: skip

@@ -40,7 +40,7 @@ def lightning_vs_raw(
 
     from prisma_lightning.datamodules.activations import ActivationDataModule
     from prisma_lightning.modules import SAEModule
-    from prisma_lightning.sae import SAEConfig, SparseAutoencoder, make_optimizer
+    from prisma_lightning.sae import SAEConfig, SparseAutoencoder
 
     cfg = SAEConfig(d_in=d_in, expansion_factor=expansion, architecture="topk", k=k, b_dec_init="zeros")
     fit_times: list[float] = []
@@ -57,7 +57,8 @@ def lightning_vs_raw(
 
         def fit_run() -> list[float]:
             timer = Timer()
-            module = SAEModule(SparseAutoencoder(cfg), init_tokens=batch, export_dir=str(Path(tmp) / "sae"))
+            module = SAEModule(SparseAutoencoder(cfg), init_tokens=batch, export_dir=str(Path(tmp) / "sae"),
+                               export_on_checkpoint=False)  # fmt: skip
             trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False,
                                  enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
                                  accelerator="cpu", devices=1)  # fmt: skip
@@ -65,22 +66,48 @@ def lightning_vs_raw(
             return [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)][2:]
 
         def raw_run() -> list[float]:
+            """The same work by hand: initialisation, the step, the finiteness checks and every metric SAEModule
+            logs per step (loss terms, L0, explained variance, dead fraction, lr, tokens seen)."""
             sae = SparseAutoencoder(cfg)
             dm = ActivationDataModule(str(folder), batch_size=batch, shuffle=False)
             dm.setup("fit")
+            sae.initialize_from_data(next(iter(dm.train_dataloader())))
+            optimizer = torch.optim.Adam([{"params": list(sae.parameters()), "lr": 4e-4}], fused=True)
+            seen, logged = 0, []
             ends = [time.perf_counter()]
             for i, x in enumerate(dm.train_dataloader()):
                 if i >= steps:
                     break
-                if i == 0:  # what SAEModule does on its first batch (b_dec init), then the optimizer
-                    sae.initialize_b_dec(x)
-                    optimizer = make_optimizer(sae, lr=4e-4)
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError("non-finite activations")
                 out = sae(x, step=i, return_feats=False)
+                if not bool(torch.isfinite(out.loss)):
+                    raise FloatingPointError("diverged")
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 sae.before_optimizer_step()
                 optimizer.step()
                 sae.after_optimizer_step()
+                seen += x.shape[0]
+                with torch.no_grad():
+                    sse = (out.recon - x).pow(2).sum()
+                    sst = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+                    dead = (sae.steps_since_fired >= sae.cfg.dead_feature_window).float().mean()
+                    logged.append(
+                        [
+                            float(v)
+                            for v in (
+                                out.loss,
+                                out.mse_loss,
+                                out.sparsity_loss,
+                                out.aux_loss,
+                                out.l0.float().mean(),
+                                1 - sse / sst,
+                                dead,
+                            )
+                        ]
+                        + [4e-4, seen]
+                    )
                 ends.append(time.perf_counter())
             return [b - a for a, b in zip(ends, ends[1:], strict=False)][2:]
 
@@ -133,8 +160,9 @@ if __name__ == "__main__":
     print(shard_read_vs_raw(rows=100_000))
 
 
-def online_vs_forward(model: str = "vit_small_patch16_224", layer: int = 6, batch: int = 32, steps: int = 6) -> dict:
-    """Images/s of online SAE training (backbone + buffer + SAE steps) vs the backbone forward alone."""
+def online_vs_forward(model: str = "vit_small_patch16_224", layer: int = 6, batch: int = 32, steps: int = 8) -> dict:
+    """Images/s of online SAE training (backbone + buffer + SAE steps) vs the backbone forward alone, both as total
+    images over total wall time (the online run from its first training step to its last)."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -144,32 +172,34 @@ def online_vs_forward(model: str = "vit_small_patch16_224", layer: int = 6, batc
 
     backbone = load_hooked_model(f"timm/{model}", pretrained=False)
     hook = f"blocks.{layer - 1}.hook_resid_post"
+    tokens = batch * backbone.cfg.n_tokens
     images = torch.randn(batch * (steps + 2), 3, 224, 224)
     loader = DataLoader(TensorDataset(images, torch.zeros(len(images))), batch_size=batch)
     with torch.inference_mode():
-        backbone.run_with_cache(images[:batch], names_filter=hook, stop_at_layer=layer)
+        backbone.run_with_cache(images[:batch], names_filter=hook, stop_at_layer=layer)  # warm-up
         t0 = time.perf_counter()
         for x, _ in loader:
             backbone.run_with_cache(x, names_filter=hook, stop_at_layer=layer)
         forward_ips = len(images) / (time.perf_counter() - t0)
-    tokens = batch * backbone.cfg.n_tokens
     cfg = SAEConfig(d_in=backbone.cfg.d_model, expansion_factor=16, architecture="topk", k=32, hook_name=hook,
                     b_dec_init="mean")  # fmt: skip
-    module = SAEModule(cfg, backbone=backbone, buffer_tokens=4 * tokens, batch_tokens=tokens // 2, init_tokens=tokens,
-                       export_dir=tempfile.mkdtemp())  # fmt: skip
-    times: list[float] = []
+    # one SAE step per image batch (batch_tokens = the batch's tokens), a buffer of two batches
+    module = SAEModule(cfg, backbone=backbone, buffer_tokens=2 * tokens, batch_tokens=tokens, init_tokens=tokens,
+                       export_dir=tempfile.mkdtemp(), export_on_checkpoint=False)  # fmt: skip
+    span: dict[str, float] = {}
 
-    class Timer(pl.Callback):
-        def on_train_batch_start(self, *args):
-            self.start = time.perf_counter()
+    class Span(pl.Callback):
+        def on_train_start(self, *args):
+            span["start"] = time.perf_counter()
 
-        def on_train_batch_end(self, *args):
-            times.append(time.perf_counter() - self.start)
+        def on_train_end(self, *args):
+            span["end"] = time.perf_counter()
 
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[Timer()], accelerator="cpu", devices=1)  # fmt: skip
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[Span()], accelerator="cpu", devices=1)  # fmt: skip
     trainer.fit(module, loader)
-    online_ips = batch / statistics.median(times[2:])  # after the buffer has filled
+    consumed = module._stream.batches_in_epoch + module._stream.image_epoch * len(loader)
+    online_ips = consumed * batch / (span["end"] - span["start"])
     return {"online_img_per_s": online_ips, "forward_img_per_s": forward_ips, "ratio": online_ips / forward_ips}
 
 
