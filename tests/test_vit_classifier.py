@@ -251,13 +251,31 @@ def test_bad_models_and_mismatched_data_raise() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- shipped model
-def test_shipped_dsprites_checkpoint_is_accurate_on_held_out_images() -> None:
-    weights = SHIPPED / "model.safetensors"
-    assert weights.stat().st_size < 5 * 2**20
-    assert (SHIPPED / "README.md").is_file()
-    model = HookedViT.from_pretrained(SHIPPED)
-    assert model.cfg.n_layers == 2 and not model.cfg.attn_only and model.cfg.n_classes == 3
-    data_args = yaml.safe_load((ROOT / "configs/vit/dsprites_2l.yaml").read_text())["data"]["init_args"]
+SHIPPED_MODELS = sorted(p.parent.name for p in (ROOT / "examples" / "checkpoints").glob("dsprites-vit-*/config.json"))
+
+
+def test_every_shipped_model_has_its_config_and_card() -> None:
+    assert "dsprites-vit-2l" in SHIPPED_MODELS and "dsprites-vit-4l" in SHIPPED_MODELS
+    for name in SHIPPED_MODELS:
+        folder = ROOT / "examples" / "checkpoints" / name
+        assert (folder / "model.safetensors").stat().st_size < 2**20, name  # the repository stays small
+        assert (folder / "README.md").is_file(), name
+        n_layers, attn_only = int(name.split("-")[2][:-1]), name.endswith("-attn-only")
+        config = ROOT / "configs" / "vit" / f"dsprites_{n_layers}l{'_attn_only' if attn_only else ''}.yaml"
+        trained = yaml.safe_load(config.read_text())["model"]["init_args"]["model"]
+        model, expected = HookedViT.from_pretrained(folder), HookedViTConfig(**trained)
+        for key in trained:
+            if key != "model_name":
+                assert getattr(model.cfg, key) == getattr(expected, key), f"{name}: {key} differs from {config.name}"
+
+
+@pytest.mark.parametrize("name", SHIPPED_MODELS)
+def test_shipped_dsprites_checkpoint_is_accurate_on_held_out_images(name: str) -> None:
+    folder = ROOT / "examples" / "checkpoints" / name
+    model = HookedViT.from_pretrained(folder)
+    assert model.cfg.n_classes == 3
+    config = f"dsprites_{model.cfg.n_layers}l{'_attn_only' if model.cfg.attn_only else ''}.yaml"
+    data_args = yaml.safe_load((ROOT / "configs" / "vit" / config).read_text())["data"]["init_args"]
     data = DSpritesDataModule(**data_args)  # the config it was trained with: same seed, so the same splits
     data.setup("test")
     assert not set(data.test_set.indices) & set(data.train_set.indices)
@@ -268,6 +286,9 @@ def test_shipped_dsprites_checkpoint_is_accurate_on_held_out_images() -> None:
             correct += int((model(images).argmax(-1) == labels).sum())
             total += len(labels)
     assert total >= 2000
+    # the accuracy its model card states, to the reported precision
+    card = (folder / "README.md").read_text()
+    assert f"{correct / total:.4f}" in card or f"{correct / total:.2%}" in card, (name, correct / total)
     assert correct / total >= 0.95, correct / total
 
 
