@@ -120,6 +120,17 @@ def test_every_registered_architecture_has_a_recipe() -> None:
     assert not missing, f"add a RECIPES entry for {missing}"
 
 
+def test_every_architecture_file_is_imported_and_registered() -> None:
+    """Adding an architecture needs no edit outside its file: the package imports every module in it."""
+    from pathlib import Path
+
+    from prisma_lightning.sae import architecture_class, architectures
+
+    files = {p.stem for p in Path(architectures.__file__).parent.glob("*.py") if not p.stem.startswith("_")}
+    modules = {architecture_class(name).__module__.rsplit(".", 1)[-1] for name in architecture_names()}
+    assert files == modules
+
+
 def test_default_coefficient_is_the_recommended_one() -> None:
     """The default config *is* the recommended starting point (so the first value of each sweep is the default)."""
     for architecture in RECIPES:
