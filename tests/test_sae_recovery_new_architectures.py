@@ -299,7 +299,7 @@ def test_archetypal_training_keeps_atoms_archetypal() -> None:
     assert torch.equal(sae.archetype_weights[0], torch.eye(sae.archetype_weights.shape[1])[5])
     assert_close(sae.archetype_weights[1, :3], torch.tensor([0.5, 0.0, 0.5]))
     assert_close(sae.relaxation[2].norm(), sae.relaxation_bound())
-    with pytest.raises(NotImplementedError, match="cannot rescale decoder rows"):
+    with pytest.raises(ValueError, match="cannot rescale decoder rows"):
         sae.set_decoder_norm_to_unit_norm()
 
 

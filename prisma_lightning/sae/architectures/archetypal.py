@@ -297,13 +297,13 @@ class ArchetypalSAE(TopKSAE):
         """Nothing to do: there is no free decoder matrix whose gradient could be projected."""
 
     def set_decoder_norm_to_unit_norm(self) -> None:
-        raise NotImplementedError(
+        raise ValueError(
             "architecture='archetypal' cannot rescale decoder rows to unit norm: each atom is a convex combination of "
             "data points (times one shared multiplier), so its norm is not free. Normalise the features instead."
         )
 
     def remove_gradient_parallel_to_decoder_directions(self) -> None:
-        raise NotImplementedError(
+        raise ValueError(
             "architecture='archetypal' has no decoder matrix parameter: its gradient reaches the archetypal weights, "
             "the relaxation and the multiplier, which after_optimizer_step projects onto the constraints."
         )
