@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
                     if not (folder / "config.json").is_file():
                         print(f"{config.name}: no checkpoint at {folder} (row left empty; --train retrains it)")
                         continue
-                    model, seconds, source = HookedViT.from_pretrained(folder), None, str(folder.relative_to(ROOT))
+                    source = str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder)
+                    model, seconds = HookedViT.from_pretrained(folder), None
                 row = score(model, held_out_data(config), args.batch_size)
                 row.update(seconds=seconds, source=source)
                 results.setdefault(n_layers, {})[variant] = row
