@@ -99,9 +99,8 @@ def architecture_step(architecture: str) -> Callable[[argparse.Namespace], Calla
                         b_dec_init="mean", **extra, **OPTIONS.get(architecture, {}))  # fmt: skip
         sae = SparseAutoencoder(cfg)
         x = _inputs(args)
-        sae.initialize_from_data(
-            torch.randn(max(4096, args.batch), args.d_in, generator=torch.Generator().manual_seed(2))
-        )
+        rows = max(4096, args.batch, sae.d_sae)  # archetypal takes d_sae candidates from the sample
+        sae.initialize_from_data(torch.randn(rows, args.d_in, generator=torch.Generator().manual_seed(2)))
         optimizer = make_optimizer(sae, lr=1e-4)
         state = {"step": 0}
 
