@@ -365,7 +365,7 @@ class SAEEvaluator(pl.Callback):
         cfg = model.cfg
         names = pl_module.hook_names()
         clean_out, cache = model.run_with_cache(images, names_filter=names)
-        rows = _rows_of_cache(pl_module, cache)
+        rows = pl_module.rows_from_cache(cache, check_finite=False)
         zero_logits: dict[Any, Tensor] = {}
         clean_logits = self.classifier(clean_out) if self.classifier is not None and labels is not None else None
         if self.classifier is not None and labels is None:
@@ -561,20 +561,6 @@ class SAEEvaluator(pl.Callback):
 def _saes(pl_module: pl.LightningModule) -> dict[str, Any]:
     saes = getattr(pl_module, "saes", None)
     return dict(saes.items()) if saes is not None else {"sae": pl_module.sae}
-
-
-def _rows_of_cache(pl_module: pl.LightningModule, cache: Any) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    for key, group in pl_module.groups.items():
-        pl_module._current_group = group
-        try:
-            rows = pl_module.select_tokens(cache[group.hook_in])
-            if group.hook_out:
-                rows = torch.cat([rows, pl_module.select_tokens(cache[group.hook_out])], dim=-1)
-        finally:
-            pl_module._current_group = None
-        out[key] = rows
-    return out
 
 
 def _splicer(positions: list[int] | None, recon: Tensor) -> Any:

@@ -612,6 +612,11 @@ class SAEModule(pl.LightningModule):
         _, cache = model.run_with_cache(
             images.to(self.device), names_filter=names, stop_at_layer=model.stop_layer_for_all(names)
         )
+        return self.rows_from_cache(cache)
+
+    def rows_from_cache(self, cache: Any, check_finite: bool = True) -> dict[str, Tensor]:
+        """Each hook group's ``select_tokens`` rows (``[N, d_in]``, or ``[N, d_in + d_out]`` for a transcoder's
+        input and target side by side) from a backbone cache; the evaluator reads its rows the same way."""
         out: dict[str, Tensor] = {}
         for key, group in self.groups.items():
             self._current_group = group
@@ -621,7 +626,8 @@ class SAEModule(pl.LightningModule):
                     rows = torch.cat([rows, self.select_tokens(cache[group.hook_out])], dim=-1)
             finally:
                 self._current_group = None
-            self._check_finite(rows, group)
+            if check_finite:
+                self._check_finite(rows, group)
             out[key] = rows
         return out
 
