@@ -251,11 +251,15 @@ def test_bad_models_and_mismatched_data_raise() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- shipped model
+VIT_PRISMA = {  # (layers, attention-only): accuracy in ViT-Prisma's docs/experiments/dSprites_results.md
+    (1, False): 0.535, (2, False): 0.996, (3, False): 1.000, (4, False): 1.000,
+    (1, True): 0.459, (2, True): 0.685, (3, True): 0.774, (4, True): 0.991,
+}  # fmt: skip
 SHIPPED_MODELS = sorted(p.parent.name for p in (ROOT / "examples" / "checkpoints").glob("dsprites-vit-*/config.json"))
 
 
 def test_every_shipped_model_has_its_config_and_card() -> None:
-    assert "dsprites-vit-2l" in SHIPPED_MODELS and "dsprites-vit-4l" in SHIPPED_MODELS
+    assert len(SHIPPED_MODELS) == 8  # every row of ViT-Prisma's dSprites table
     for name in SHIPPED_MODELS:
         folder = ROOT / "examples" / "checkpoints" / name
         assert (folder / "model.safetensors").stat().st_size < 2**20, name  # the repository stays small
@@ -289,7 +293,9 @@ def test_shipped_dsprites_checkpoint_is_accurate_on_held_out_images(name: str) -
     # the accuracy its model card states, to the reported precision
     card = (folder / "README.md").read_text()
     assert f"{correct / total:.4f}" in card or f"{correct / total:.2%}" in card, (name, correct / total)
-    assert correct / total >= 0.95, correct / total
+    # the README's claim: at least ViT-Prisma's number for the row, at the three decimals ViT-Prisma reports
+    vit_prisma = VIT_PRISMA[(model.cfg.n_layers, model.cfg.attn_only)]
+    assert round(correct / total, 3) >= vit_prisma, (name, correct / total, vit_prisma)
 
 
 # ---------------------------------------------------------------------------------------------- torchvision data
