@@ -254,7 +254,7 @@ def test_jumprelu_threshold_and_bandwidth_follow_the_data_scale(tmp_path) -> Non
     torch.testing.assert_close(explicit.threshold, torch.full((D_SAE,), 0.7))
 
 
-@pytest.mark.parametrize("arch", ["relu", "gated"])
+@pytest.mark.parametrize("arch", ["relu", "gated", "panneal"])
 def test_free_decoder_scale_is_fitted_to_the_data_sample(arch: str) -> None:
     """After initialize_from_data the initial reconstruction is the least-squares multiple of itself:
     <R, x - b_dec> = ||R||^2 (the normal equation), instead of the ~1% of the input that a 0.1-norm decoder and its

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from ..activations import gated_sae
-from ..config import SAEConfig, check_number
-from ..init import fit_decoder_scale
+from ..config import check_number
 from ..registry import register_architecture
 from ..sparse_autoencoder import Pass, SparseAutoencoder
+from .relu import FittedDecoder, FittedDecoderConfig
 
 RECOMMENDED = 6.0
 """A first ``l1_coefficient`` on normalised activations (``expected_norm``): on the quickstart it gives tens of
@@ -33,17 +33,13 @@ features per token."""
 
 
 @dataclass
-class GatedConfig(SAEConfig):
+class GatedConfig(FittedDecoderConfig):
     """Gated SAE: gate and magnitude paths sharing the encoder directions; L1 penalty on the gate."""
 
     architecture: Literal["gated"] = "gated"
     """``gated``."""
     l1_coefficient: float = RECOMMENDED
     """Weight of the L1 penalty ``sum_i relu(pi_gate)_i * ||W_dec[i]||`` per token, averaged over tokens."""
-    decoder_init_fit: bool = True
-    """At ``initialize_from_data``, rescale the decoder so the initial reconstruction of the sample is least-squares
-    optimal (``decoder_init_norm`` then only sets the rows' starting norm). False: keep ``decoder_init_norm``."""
-
     sparsity_field = "l1_coefficient"
     recommended_coefficient = RECOMMENDED
 
@@ -53,7 +49,7 @@ class GatedConfig(SAEConfig):
 
 
 @register_architecture
-class GatedSAE(SparseAutoencoder):
+class GatedSAE(FittedDecoder, SparseAutoencoder):
     """Gated SAE (see the module docstring)."""
 
     config_class = GatedConfig
@@ -79,13 +75,6 @@ class GatedSAE(SparseAutoencoder):
 
     def encode_rows(self, x_n: Tensor) -> Tensor:
         return self._gated_parts(x_n)[0]
-
-    @torch.no_grad()
-    def initialize_dictionary(self, x_n: Tensor) -> None:
-        """Fit the decoder's scale to the sample ``x_n [n, d_in]`` (``decoder_init_fit``; not for transcoders,
-        whose targets this hook does not see)."""
-        if self.cfg.decoder_init_fit and not self.is_transcoder:
-            fit_decoder_scale(self, x_n)
 
     def pass_rows(self, x_n: Tensor, target_n: Tensor, step: int | None, return_feats: bool) -> Pass:
         args = (x_n, self.W_enc, self.b_gate, self.r_mag, self.b_mag, self._input_bias(), self.W_dec, self.b_dec)

@@ -32,17 +32,17 @@ import torch
 from torch import Tensor
 
 from ..activations import relu_sae
-from ..config import SAEConfig, check_choice, check_int, check_number
-from ..init import fit_decoder_scale
+from ..config import check_choice, check_int, check_number
 from ..registry import register_architecture
 from ..sparse_autoencoder import Pass, SparseAutoencoder
 from ..sparse_ops import pre_activations
+from .relu import FittedDecoder, FittedDecoderConfig
 
 LpForm = Literal["lp_p", "lp"]
 
 
 @dataclass
-class PAnnealConfig(SAEConfig):
+class PAnnealConfig(FittedDecoderConfig):
     """P-annealing SAE: ReLU encoder, ``Lp`` penalty with ``p`` annealed from ``p_start`` to ``p_end``."""
 
     architecture: Literal["panneal"] = "panneal"
@@ -99,7 +99,7 @@ class PAnnealConfig(SAEConfig):
 
 
 @register_architecture
-class PAnnealSAE(SparseAutoencoder):
+class PAnnealSAE(FittedDecoder, SparseAutoencoder):
     """P-annealing SAE (see the module docstring)."""
 
     config_class = PAnnealConfig
@@ -175,13 +175,6 @@ class PAnnealSAE(SparseAutoencoder):
             return powered
         nonzero = powered > 0
         return torch.where(nonzero, torch.where(nonzero, powered, 1.0).pow(1.0 / p), 0.0)
-
-    @torch.no_grad()
-    def initialize_dictionary(self, x_n: Tensor) -> None:
-        """Fit the decoder's scale to the sample ``x_n [n, d_in]`` as the ``relu`` architecture does (not for
-        transcoders, whose targets this hook does not see): at ``p = 1`` the two start identically."""
-        if not self.is_transcoder:
-            fit_decoder_scale(self, x_n)
 
     # ------------------------------------------------------------------ forward
     def encode_rows(self, x_n: Tensor) -> Tensor:

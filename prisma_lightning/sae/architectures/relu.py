@@ -36,7 +36,28 @@ features per token."""
 
 
 @dataclass
-class ReLUConfig(SAEConfig):
+class FittedDecoderConfig(SAEConfig):
+    """Fields of architectures with a free decoder whose scale is fitted to the data (``relu``, ``gated``,
+    ``panneal``)."""
+
+    decoder_init_fit: bool = True
+    """At ``initialize_from_data``, rescale the decoder so the initial reconstruction of the sample is least-squares
+    optimal (``decoder_init_norm`` then only sets the rows' starting norm). False: keep ``decoder_init_norm``."""
+
+
+class FittedDecoder:
+    """``initialize_dictionary`` for a :class:`FittedDecoderConfig` architecture (mix in before the SAE class)."""
+
+    @torch.no_grad()
+    def initialize_dictionary(self, x_n: Tensor) -> None:
+        """Fit the decoder's scale to the sample ``x_n [n, d_in]`` (``decoder_init_fit``; not for transcoders,
+        whose targets this hook does not see)."""
+        if self.cfg.decoder_init_fit and not self.is_transcoder:  # type: ignore[attr-defined]
+            fit_decoder_scale(self, x_n)
+
+
+@dataclass
+class ReLUConfig(FittedDecoderConfig):
     """ReLU SAE: ``f = relu((x - b_dec) W_enc + b_enc)``, penalty ``l1_coefficient * sum_i f_i ||W_dec[i]||``."""
 
     architecture: Literal["relu"] = "relu"
@@ -45,10 +66,6 @@ class ReLUConfig(SAEConfig):
     """Weight of the L1 penalty ``sum_i f_i * ||W_dec[i]||`` per token, averaged over tokens."""
     ghost_grads: bool = False
     """Add Anthropic's ghost-grads loss, which trains dead features on the reconstruction residual."""
-    decoder_init_fit: bool = True
-    """At ``initialize_from_data``, rescale the decoder so the initial reconstruction of the sample is least-squares
-    optimal (``decoder_init_norm`` then only sets the rows' starting norm). False: keep ``decoder_init_norm``."""
-
     sparsity_field = "l1_coefficient"
     recommended_coefficient = RECOMMENDED
 
@@ -58,7 +75,7 @@ class ReLUConfig(SAEConfig):
 
 
 @register_architecture
-class ReLUSAE(SparseAutoencoder):
+class ReLUSAE(FittedDecoder, SparseAutoencoder):
     """ReLU SAE (see the module docstring)."""
 
     config_class = ReLUConfig
@@ -67,13 +84,6 @@ class ReLUSAE(SparseAutoencoder):
 
     def encode_rows(self, x_n: Tensor) -> Tensor:
         return pre_activations(x_n, self.W_enc, self.b_enc, self._input_bias()).relu()
-
-    @torch.no_grad()
-    def initialize_dictionary(self, x_n: Tensor) -> None:
-        """Fit the decoder's scale to the sample ``x_n [n, d_in]`` (``decoder_init_fit``; not for transcoders,
-        whose targets this hook does not see)."""
-        if self.cfg.decoder_init_fit and not self.is_transcoder:
-            fit_decoder_scale(self, x_n)
 
     def pass_rows(self, x_n: Tensor, target_n: Tensor, step: int | None, return_feats: bool) -> Pass:
         coef = self.sparsity_coefficient(step)
