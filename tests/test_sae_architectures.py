@@ -681,3 +681,19 @@ def test_wrong_width_input_names_the_expected_shape() -> None:
     unfitted = SparseAutoencoder(SAEConfig(d_in=4, d_sae=8, normalize_activations="expected_norm"))
     with pytest.raises(RuntimeError, match="fit_normalization"):
         unfitted(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("training", [False, True])
+def test_encode_sparse_holds_exactly_the_active_entries_of_encode(arch: str, training: bool) -> None:
+    sae = make_sae(arch).train(training)
+    if arch == "archetypal":
+        sae.initialize_from_data(torch.randn(256, D_IN))
+    x = torch.randn(3, 5, D_IN)
+    with torch.no_grad():
+        dense = sae.encode(x)
+        sparse = sae.encode_sparse(x)
+    assert sparse.layout == torch.sparse_coo and sparse.shape == (3, 5, D_SAE)
+    assert bool((sparse._values() > 0).all())  # only active entries, each once
+    assert sparse._nnz() == int((dense > 0).sum()) == sparse.coalesce()._nnz()
+    torch.testing.assert_close(sparse.to_dense(), dense.clamp_min(0))

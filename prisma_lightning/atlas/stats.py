@@ -1,6 +1,6 @@
 """Streaming per-feature statistics and top-k images: memory ``O(d_sae x k)`` whatever the number of images.
 
-:class:`FeatureAccumulator` consumes one batch of dense SAE features ``[B, T, d_sae]`` at a time (``T``: the
+:class:`FeatureAccumulator` consumes one batch of SAE features ``[B, T, d_sae]`` (dense or sparse COO) at a time (``T``: the
 tokens the SAE reads per image) and keeps, per feature:
 
 * counts and sums: firing tokens (``> 0``), firing images, the sum of activations (float64), the maximum, and a
@@ -133,7 +133,8 @@ class FeatureAccumulator:
         """Add one batch; returns the image scores ``[B, d_sae]``.
 
         Args:
-            features: ``[B, T, d_sae]`` feature activations on the tokens the SAE reads.
+            features: ``[B, T, d_sae]`` feature activations on the tokens the SAE reads, dense or a sparse COO
+                tensor (entries listed once each, in any order).
             ids: ``[B]`` unique image ids (``< 2**32``).
             labels: ``[B]`` class labels (or None).
             classes: ``[B, n_factors]`` factor classes for ground truth (or None).
@@ -148,7 +149,13 @@ class FeatureAccumulator:
         ids = ids.to(dev, torch.int64).reshape(-1)
         if ids.shape[0] != b:
             raise ValueError(f"ids has {ids.shape[0]} entries for a batch of {b} images.")
-        idx, vals = firing_entries(features.reshape(-1))  # the one pass over the dense features
+        if features.layout == torch.sparse_coo:  # the active entries as they are (no dense pass)
+            index, vals = features._indices(), features._values()
+            keep = torch.nonzero(vals > 0).squeeze(1)
+            index, vals = index.index_select(1, keep), vals.index_select(0, keep)
+            idx = (index[0] * t + index[1]) * f + index[2]
+        else:
+            idx, vals = firing_entries(features.reshape(-1))  # the one pass over the dense features
         feat = idx % f  # idx = (image * t + token) * f + feature
         rest = torch.div(idx, f, rounding_mode="floor")
         img = torch.div(rest, t, rounding_mode="floor")

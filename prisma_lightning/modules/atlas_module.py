@@ -27,7 +27,8 @@ class AtlasBatch(NamedTuple):
     """What :meth:`AtlasModule.predict_step` returns for one batch."""
 
     features: Tensor
-    """``[B, T, d_sae]`` the SAE's features on the tokens it reads (``T``: all tokens, the patches, or 1 (CLS))."""
+    """``[B, T, d_sae]`` the SAE's features on the tokens it reads (``T``: all tokens, the patches, or 1 (CLS)):
+    dense, or a sparse COO tensor of the active entries (``.to_dense()`` gives the dense one)."""
     labels: Tensor | None
     """``[B]`` int64 class labels of the images, when the data provides them."""
 
@@ -161,7 +162,10 @@ class AtlasModule(pl.LightningModule):
         return rows.reshape(images.shape[0], -1, rows.shape[-1])
 
     def encode(self, acts: Tensor) -> Tensor:
-        """Activations ``[B, T, d_in]`` -> features ``[B, T, d_sae]``."""
+        """Activations ``[B, T, d_in]`` -> features ``[B, T, d_sae]``: a sparse COO tensor of the active entries for
+        SAEs that select their features (``sparse_codes``: no dense ``[B, T, d_sae]`` tensor is made), else dense."""
+        if getattr(self.sae, "sparse_codes", False):
+            return self.sae.encode_sparse(acts)
         return self.sae.encode(acts)
 
     @staticmethod

@@ -414,6 +414,30 @@ class SparseAutoencoder(nn.Module, metaclass=abc.ABCMeta):
     def encode_rows(self, x_n: Tensor) -> Tensor:
         """Architecture hook: dense features ``[n, d_sae]`` of normalised rows ``x_n [n, d_in]``."""
 
+    def encode_sparse(self, x: Tensor) -> Tensor:
+        """The active (``> 0``) feature activations of ``x [..., d_in]`` as a sparse COO tensor ``[..., d_sae]``.
+
+        Equal to ``encode(x)`` once densified (``.to_dense()``); each active entry appears once, in no particular
+        order (the tensor is not coalesced). Architectures that select their features (``sparse_codes``: the TopK
+        family, matching pursuit) build it from the selection, without a dense ``[n, d_sae]`` tensor.
+        """
+        lead = x.shape[:-1]
+        x_n, stats = self._normalize_input(self._rows(x, self.d_in, "x"))
+        self._ln_stats = stats
+        rows, feats, values = self.encode_entries(x_n)
+        keep = torch.nonzero(values > 0).squeeze(1)
+        if keep.numel() != values.numel():
+            rows, feats, values = (t.index_select(0, keep) for t in (rows, feats, values))
+        index = torch.stack([*torch.unravel_index(rows, lead), feats]) if lead else feats[None]
+        return torch.sparse_coo_tensor(index, values, (*lead, self.d_sae), check_invariants=False)
+
+    def encode_entries(self, x_n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Architecture hook: ``(row, feature, value)`` of the possibly active entries of normalised rows
+        ``x_n [n, d_in]`` (entries ``<= 0`` are dropped by :meth:`encode_sparse`). Default: from :meth:`encode_rows`."""
+        dense = self.encode_rows(x_n)
+        rows, feats = torch.nonzero(dense > 0, as_tuple=True)
+        return rows, feats, dense[rows, feats]
+
     def decode(self, feats: Tensor) -> Tensor:
         """Reconstruction ``[..., d_out]`` in the raw space from ``feats [..., d_sae]``.
 

@@ -83,10 +83,15 @@ def amortisation(layers: int = 12, steps: int = 4, batch: int = 8, expansion: in
     d = backbone.cfg.d_model
     template = {"architecture": "topk", "d_in": d, "expansion_factor": expansion, "k": k, "b_dec_init": "mean"}
     hooks = [f"blocks.{i}.hook_resid_post" for i in range(layers)]
+    _fit(backbone, 1, batch, sae=template, hooks=hooks[:2])  # warm-up, not measured
     ratios, splits = [], []
-    for _ in range(repeats):
-        multi = _fit(backbone, steps, batch, sae=template, hooks=hooks)
-        single = [_fit(backbone, steps, batch, sae={**template, "hook_name": h}) for h in hooks]
+    for r in range(repeats):
+        if r % 2:  # alternate which side runs first
+            single = [_fit(backbone, steps, batch, sae={**template, "hook_name": h}) for h in hooks]
+            multi = _fit(backbone, steps, batch, sae=template, hooks=hooks)
+        else:
+            multi = _fit(backbone, steps, batch, sae=template, hooks=hooks)
+            single = [_fit(backbone, steps, batch, sae={**template, "hook_name": h}) for h in hooks]
         ratios.append(multi["total"] / sum(s["total"] for s in single))
         splits.append(multi)
     split = splits[-1]
@@ -105,12 +110,22 @@ def sweep(n: int = 8, steps: int = 4, batch: int = 8, expansion: int = 8, repeat
     coefficients = [10 ** (-4 + 0.4 * i) for i in range(n)]
     template = {"architecture": "relu", "d_in": d, "expansion_factor": expansion, "hook_name": hook,
                 "b_dec_init": "mean"}  # fmt: skip
-    ratios = []
-    for _ in range(repeats):
-        multi = _fit(backbone, steps, batch, sae=template, sweep={"l1_coefficient": coefficients})
-        single = [_fit(backbone, steps, batch, sae={**template, "l1_coefficient": c}) for c in coefficients]
+    _fit(backbone, 1, batch, sae=template, sweep={"l1_coefficient": coefficients[:2]})  # warm-up, not measured
+    ratios, splits = [], []
+    for r in range(repeats):
+        # alternate which side runs first, so neither always meets the other's leftover state
+        if r % 2:
+            single = [_fit(backbone, steps, batch, sae={**template, "l1_coefficient": c}) for c in coefficients]
+            multi = _fit(backbone, steps, batch, sae=template, sweep={"l1_coefficient": coefficients})
+        else:
+            multi = _fit(backbone, steps, batch, sae=template, sweep={"l1_coefficient": coefficients})
+            single = [_fit(backbone, steps, batch, sae={**template, "l1_coefficient": c}) for c in coefficients]
         ratios.append(multi["total"] / sum(s["total"] for s in single))
-    return {"ratio": statistics.median(ratios), "ratios": ratios}
+        splits.append((multi, single))
+    multi, single = splits[-1]
+    return {"ratio": statistics.median(ratios), "ratios": ratios, "multi_s": multi["total"],
+            "multi_backbone_s": multi["backbone"], "multi_sae_s": multi["sae"],
+            "singles_s": sum(s["total"] for s in single), "singles_sae_s": sum(s["sae"] for s in single)}  # fmt: skip
 
 
 _MEMORY_SCRIPT = """

@@ -237,6 +237,11 @@ class MatchingPursuitSAE(SparseAutoencoder):
         feats = x_n.new_zeros(x_n.shape[0], self.d_sae)
         return feats.scatter_add(1, p.indices, p.values)
 
+    def encode_entries(self, x_n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        indices, values = self.pursue(x_n).merged()  # a feature chosen twice appears once, with the summed value
+        rows = torch.arange(x_n.shape[0], device=x_n.device).repeat_interleave(indices.shape[1])
+        return rows, indices.reshape(-1), values.reshape(-1)
+
     def pass_rows(self, x_n: Tensor, target_n: Tensor, step: int | None, return_feats: bool) -> Pass:
         p = self.pursue(x_n)
         recon = x_n - p.residual  # = sum_t c_t W_dec[j_t] + b_dec, exactly and without a decode

@@ -90,6 +90,10 @@ class TopKSAE(SparseAutoencoder):
         values, pattern = self.select(pre)
         return self._densify(values, pattern)
 
+    def encode_entries(self, x_n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        values, pattern = self.select(pre_activations(x_n, self.W_enc, self.b_enc, self._input_bias()))
+        return pattern.rows, pattern.indices, values
+
     @staticmethod
     def _densify(values: Tensor, pattern: SparsePattern) -> Tensor:
         dense = values.new_zeros(pattern.n_rows, pattern.n_features)
