@@ -1,7 +1,7 @@
 """Streaming per-feature statistics and top-k images: memory ``O(d_sae x k)`` whatever the number of images.
 
-:class:`FeatureAccumulator` consumes one batch of SAE features ``[B, T, d_sae]`` (dense or sparse COO) at a time (``T``: the
-tokens the SAE reads per image) and keeps, per feature:
+:class:`FeatureAccumulator` consumes one batch of SAE features ``[B, T, d_sae]`` (dense, or sparse COO for SAEs
+that select their features) at a time (``T``: the tokens the SAE reads per image) and keeps, per feature:
 
 * counts and sums: firing tokens (``> 0``), firing images, the sum of activations (float64), the maximum, and a
   histogram of the firing activations over fixed log-spaced bins shared by all features (values below / above
