@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .scratch import scratch
 from .sparse_ops import pre_activations
 
 
@@ -74,6 +75,12 @@ def _weight_grad_like(W: Tensor, grad_t: Tensor) -> Tensor:
     return grad_t.t() if W.stride(0) == 1 else grad_t.t().contiguous()
 
 
+def _mm_like(a: Tensor, b: Tensor, like: Tensor) -> Tensor:
+    """``a @ b`` for the gradient of the weight ``like``: into a reused buffer of its layout when it is contiguous (the
+    gradient is taken over by ``.grad`` and the buffer comes back once the optimizer's ``zero_grad`` drops it)."""
+    return torch.mm(a, b, out=scratch(like.shape, like)) if like.is_contiguous() else a @ b
+
+
 class _ReluSAE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_in, W_dec, b_dec, l1_norm_weighted):
@@ -84,7 +91,7 @@ class _ReluSAE(torch.autograd.Function):
         l1 = feats @ norms if norms is not None else None
         # L0 per token as sign(f).sum(-1): a float pass plus a fast row sum (per-row counting kernels are several
         # times slower on CPU). The [n, d_sae] buffer is then reused for the backward's feature gradient.
-        work = torch.sign(feats)
+        work = torch.sign(feats, out=scratch(feats.shape, feats))
         l0 = work.sum(-1)
         ctx.work = work
         ctx.mark_non_differentiable(l0)
@@ -108,7 +115,7 @@ class _ReluSAE(torch.autograd.Function):
             grad_pre = grad_feats.clone() if grad_pre is None else grad_pre.add_(grad_feats)
         grad_W_dec = grad_b_dec = None
         if need[4] and (grad_recon is not None or grad_l1 is not None):
-            grad_W_dec = feats.t() @ grad_recon if grad_recon is not None else torch.zeros_like(W_dec)
+            grad_W_dec = _mm_like(feats.t(), grad_recon, W_dec) if grad_recon is not None else torch.zeros_like(W_dec)
             if grad_l1 is not None:  # d(f @ ||W_dec||)/dW_dec = (f^T grad_l1 / ||W_dec||) * W_dec, row-wise
                 grad_W_dec.addcmul_(W_dec, ((feats.t() @ grad_l1) / norms.clamp_min(1e-12))[:, None])
         if grad_recon is not None and need[5]:
@@ -123,7 +130,7 @@ class _ReluSAE(torch.autograd.Function):
             if W_enc.stride(0) == 1:  # feature-major storage: build the transpose
                 grad_W_enc = _weight_grad_like(W_enc, grad_pre.t() @ x)
             else:
-                grad_W_enc = x.t() @ grad_pre
+                grad_W_enc = _mm_like(x.t(), grad_pre, W_enc)
             if b_in is not None:
                 grad_W_enc.addr_(b_in, grad_b_enc, alpha=-1)
         if b_in is not None and need[3]:
@@ -162,7 +169,7 @@ class _JumpReluSAE(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, b_in, W_dec, b_dec, threshold, bandwidth, tanh_scale):
         ctx.set_materialize_grads(False)
         pre = pre_activations(x, W_enc, b_enc, b_in)
-        gap = torch.sub(pre, threshold)  # [n, d_sae]
+        gap = torch.sub(pre, threshold, out=scratch(pre.shape, pre))  # [n, d_sae]
         # the pre-activation buffer becomes the features, masked in one pass by the sign of the gap (no bool temp);
         # the threshold is positive, so the active entries are exactly those with feats > 0
         feats = torch.ops.aten.threshold_backward.grad_input(pre, gap, 0.0, grad_input=pre)
@@ -178,16 +185,16 @@ class _JumpReluSAE(torch.autograd.Function):
             near = None
         del gap
         # L0 per token as sign(f).sum(-1) (see relu_sae); the buffer is reused by the backward
-        work = torch.sign(feats)
+        work = torch.sign(feats, out=scratch(feats.shape, feats))
         l0 = work.sum(-1)
-        fired = work.amax(0) > 0
+        fired = work.sum(0) > 0
         ctx.work = work
         recon = torch.addmm(b_dec, feats, W_dec)
         norms = tanh_sum = None
         ctx.tanh_work = None
         if tanh_scale is not None:
             norms = W_dec.norm(dim=1)
-            tanh = torch.mul(feats, norms * tanh_scale).tanh_()  # [n, d_sae]; becomes 1 - tanh^2 in backward
+            tanh = torch.mul(feats, norms * tanh_scale, out=scratch(feats.shape, feats)).tanh_()  # 1 - tanh^2 later
             tanh_sum = tanh.sum(-1)
             ctx.tanh_work = tanh
         ctx.bandwidth, ctx.tanh_scale, ctx.near = bandwidth, tanh_scale, near
@@ -238,7 +245,7 @@ class _JumpReluSAE(torch.autograd.Function):
                 else:
                     grad_threshold.sub_(l0_part, alpha=1.0 / bw)
         del near
-        grad_W_dec = feats.t() @ grad_recon if grad_recon is not None and need[4] else None
+        grad_W_dec = _mm_like(feats.t(), grad_recon, W_dec) if grad_recon is not None and need[4] else None
         if grad_norms is not None:  # d ||W_dec[i]|| / d W_dec[i] = W_dec[i] / ||W_dec[i]||
             row_scale = (grad_norms / norms.clamp_min(1e-12))[:, None]
             grad_W_dec = W_dec * row_scale if grad_W_dec is None else grad_W_dec.addcmul_(W_dec, row_scale)
@@ -250,7 +257,10 @@ class _JumpReluSAE(torch.autograd.Function):
         grad_b_enc = grad_pre.sum(0)
         grad_W_enc = grad_b_in = grad_x = None
         if need[1]:
-            grad_W_enc = _weight_grad_like(W_enc, grad_pre.t() @ x) if W_enc.stride(0) == 1 else x.t() @ grad_pre
+            if W_enc.stride(0) == 1:
+                grad_W_enc = _weight_grad_like(W_enc, grad_pre.t() @ x)
+            else:
+                grad_W_enc = _mm_like(x.t(), grad_pre, W_enc)
             if b_in is not None:
                 grad_W_enc.addr_(b_in, grad_b_enc, alpha=-1)
         if b_in is not None and need[3]:
@@ -310,9 +320,9 @@ class _GatedSAE(torch.autograd.Function):
         via_gate = torch.addmm(b_dec, gate, W_dec)
         l1 = gate @ norms
         # L0 per token as sign(f).sum(-1) (see relu_sae); the buffer is reused by the backward
-        work = torch.sign(feats)
+        work = torch.sign(feats, out=scratch(feats.shape, feats))
         l0 = work.sum(-1)
-        fired = work.amax(0) > 0
+        fired = work.sum(0) > 0
         ctx.work = work
         ctx.mark_non_differentiable(l0, fired)
         ctx.save_for_backward(x, W_enc, b_in, W_dec, scale, b_mag, norms, feats, gate)
@@ -325,7 +335,7 @@ class _GatedSAE(torch.autograd.Function):
         work, ctx.work = ctx.work, None
         grad_W_dec = grad_b_dec = None
         if need[6] and (grad_recon is not None or grad_l1 is not None):
-            grad_W_dec = feats.t() @ grad_recon if grad_recon is not None else torch.zeros_like(W_dec)
+            grad_W_dec = _mm_like(feats.t(), grad_recon, W_dec) if grad_recon is not None else torch.zeros_like(W_dec)
             if grad_l1 is not None:  # d(g @ ||W_dec||)/dW_dec = (g^T grad_l1 / ||W_dec||) * W_dec, row-wise
                 grad_W_dec.addcmul_(W_dec, ((gate.t() @ grad_l1) / norms.clamp_min(1e-12))[:, None])
         if grad_recon is not None and need[7]:
@@ -348,7 +358,7 @@ class _GatedSAE(torch.autograd.Function):
         # gate path: auxiliary reconstruction and L1
         grad_gate = None
         if grad_via is not None:
-            grad_gate = torch.mm(grad_via, W_dec.t())
+            grad_gate = torch.mm(grad_via, W_dec.t(), out=scratch(gate.shape, gate))
         if grad_l1 is not None:
             grad_gate = torch.outer(grad_l1, norms) if grad_gate is None else grad_gate.addr_(grad_l1, norms)
         grad_b_gate = None
@@ -361,7 +371,10 @@ class _GatedSAE(torch.autograd.Function):
         if grad_h is not None:
             grad_h_sum = grad_h.sum(0)
             if need[1]:
-                grad_W_enc = _weight_grad_like(W_enc, grad_h.t() @ x) if W_enc.stride(0) == 1 else x.t() @ grad_h
+                if W_enc.stride(0) == 1:
+                    grad_W_enc = _weight_grad_like(W_enc, grad_h.t() @ x)
+                else:
+                    grad_W_enc = _mm_like(x.t(), grad_h, W_enc)
                 if b_in is not None:
                     grad_W_enc.addr_(b_in, grad_h_sum, alpha=-1)
             if b_in is not None and need[5]:

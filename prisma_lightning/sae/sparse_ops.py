@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .scratch import scratch
+
 _EMBEDDING_BAG_SUM = 0  # the `mode` code of embedding_bag's "sum"
 
 
@@ -128,9 +130,12 @@ def sparse_decode(values: Tensor, weight: Tensor, pattern: SparsePattern) -> Ten
     return _SparseDecode.apply(values, weight, pattern)
 
 
-def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_in: Tensor | None) -> Tensor:
-    """``(x - b_in) @ W_enc + b_enc`` as one ``addmm`` (the centring folds into the bias: ``b_enc - b_in @ W_enc``)."""
+def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_in: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``(x - b_in) @ W_enc + b_enc`` as one ``addmm`` (the centring folds into the bias: ``b_enc - b_in @ W_enc``),
+    into ``out`` when given (outside autograd)."""
     bias = b_enc if b_in is None else torch.addmv(b_enc, W_enc.t(), b_in, alpha=-1)
+    if out is not None:
+        return torch.addmm(bias, x, W_enc, out=out)
     return torch.addmm(bias, x, W_enc)
 
 
@@ -141,8 +146,10 @@ Selector = Callable[[Tensor], tuple[Tensor, SparsePattern]]
 class _SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_in, select: Selector, out: list):
-        with torch.no_grad():
-            values, pattern = select(pre_activations(x, W_enc, b_enc, b_in))
+        with torch.no_grad():  # the pre-activations only feed the selection: a reused buffer (see scratch)
+            pre = pre_activations(x, W_enc, b_enc, b_in, out=scratch((x.shape[0], W_enc.shape[1]), x))
+            values, pattern = select(pre)
+            del pre
         out.append(pattern)
         ctx.pattern = pattern
         ctx.save_for_backward(x, W_enc, b_in, values)
@@ -161,7 +168,7 @@ class _SparseEncode(torch.autograd.Function):
             if b_in is not None:
                 grad_w_t.addr_(grad_b, b_in, alpha=-1)
             # back to W_enc's layout with one blocked transpose (optimizers and autograd want matching strides)
-            grad_w = grad_w_t.t() if W_enc.stride(0) == 1 else grad_w_t.t().contiguous()
+            grad_w = grad_w_t.t() if W_enc.stride(0) == 1 else scratch(W_enc.shape, W_enc).copy_(grad_w_t.t())
         if b_in is not None and ctx.needs_input_grad[3]:
             grad_b_in = -(W_enc @ grad_b)
         if ctx.needs_input_grad[0]:
