@@ -697,3 +697,18 @@ def test_encode_sparse_holds_exactly_the_active_entries_of_encode(arch: str, tra
     assert bool((sparse._values() > 0).all())  # only active entries, each once
     assert sparse._nnz() == int((dense > 0).sum()) == sparse.coalesce()._nnz()
     torch.testing.assert_close(sparse.to_dense(), dense.clamp_min(0))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 5])
+def test_nested_residuals_equal_the_explicit_prefix_reconstructions(groups: int) -> None:
+    from prisma_lightning.sae.architectures.matryoshka import nested_residuals
+
+    gen = torch.Generator().manual_seed(0)
+    parts = torch.randn(6, groups, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    start = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    residual, prefix = nested_residuals(parts, start)
+    explicit = start[:, None] + parts.cumsum(1)  # residual of every prefix's reconstruction
+    torch.testing.assert_close(residual, explicit[:, -1])
+    torch.testing.assert_close(prefix, explicit[:, :-1].pow(2).sum(-1).mean(0).sum())
+    assert torch.autograd.gradcheck(lambda p, s: nested_residuals(p, s), (parts, start))
+    assert torch.autograd.gradcheck(lambda p, s: nested_residuals(p, s)[0], (parts, start))  # prefix loss unused

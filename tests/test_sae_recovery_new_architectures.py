@@ -42,7 +42,7 @@ from prisma_lightning.sae import (
     make_optimizer,
     train_step,
 )
-from prisma_lightning.sae.architectures.archetypal import ARCHETYPAL_FILE, kmeans
+from prisma_lightning.sae.architectures.archetypal import ARCHETYPAL_FILE, distinct_rows_first, kmeans
 from prisma_lightning.sae.architectures.matching_pursuit import matching_pursuit
 from prisma_lightning.sae.architectures.relu import ReLUSAE
 
@@ -340,6 +340,26 @@ def test_kmeans_reaches_a_fixed_point_from_its_start() -> None:
     owner = distances(points, centroids).argmin(dim=1)
     for j in owner.unique():
         assert_close(centroids[j], points[owner == j].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_repeated_activations_give_distinct_candidates() -> None:
+    """A sample where most rows repeat a few vectors (like a ViT's background patches) still gives one candidate per
+    distinct row, and k-means does not keep duplicate centroids: no atom starts as a copy of another."""
+    gen = torch.Generator().manual_seed(0)
+    varied = torch.randn(60, D_IN, generator=gen)
+    repeated = torch.randn(4, D_IN, generator=gen).repeat(60, 1)  # 240 rows, 4 distinct
+    x = torch.cat([repeated, varied])[torch.randperm(300, generator=gen)]
+    pick = distinct_rows_first(x, 50, gen)
+    assert len({tuple(r) for r in x[pick].tolist()}) == 50
+    pick = distinct_rows_first(x, 70, gen)  # only 64 distinct rows: every one, then repeats
+    assert len({tuple(r) for r in x[pick].tolist()}) == 64 and pick.unique().numel() == 70
+    centroids = kmeans(x, x[:48], iterations=10)  # the first rows hold many copies of the same vectors
+    assert torch.cdist(centroids, centroids).add(torch.eye(48) * 1e9).min() > 1e-4
+    for init in ("sample", "kmeans"):
+        sae = build("archetypal", candidates_init=init)
+        sae.initialize_from_data(x)
+        C = sae.candidates
+        assert torch.cdist(C, C).add(torch.eye(D_SAE) * 1e9).min() > 1e-4, init
 
 
 def test_archetypal_transcoder_takes_candidates_from_the_targets() -> None:

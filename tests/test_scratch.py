@@ -71,3 +71,19 @@ def test_inference_mode_passes_do_not_leave_buffers_that_training_cannot_write()
         sae(x)
     sae(x).loss.backward()  # would fail writing into an inference tensor kept from the pass above
     assert all(p.grad is not None for p in (sae.W_enc, sae.W_dec))
+
+
+def test_consecutive_training_steps_reuse_the_gradient_memory() -> None:
+    from prisma_lightning.sae import make_optimizer, train_step
+
+    release()
+    sae = SparseAutoencoder(SAEConfig(d_in=8, d_sae=32, architecture="relu"))
+    optimizer = make_optimizer(sae, lr=1e-3)
+    x = torch.randn(16, 8)
+    train_step(sae, optimizer, x, step=0)
+    first = sae.W_enc.grad.data_ptr(), sae.W_dec.grad.data_ptr()
+    train_step(sae, optimizer, x, step=1)  # zero_grad(set_to_none=True) gave the buffers back
+    assert (sae.W_enc.grad.data_ptr(), sae.W_dec.grad.data_ptr()) == first
+    kept = sae.W_enc.grad  # a gradient still held elsewhere is never written over
+    train_step(sae, optimizer, x, step=2)
+    assert sae.W_enc.grad.data_ptr() != kept.data_ptr()

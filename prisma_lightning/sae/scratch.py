@@ -24,7 +24,7 @@ MAX_BUFFERS = 6
 """Buffers kept (least recently used dropped first): enough for the passes of one SAE step at a time."""
 
 _POOL: OrderedDict[int, Tensor] = OrderedDict()
-"""Flat buffers by a running id; each hand-out is a fresh view, so every holder counts on the storage."""
+"""Flat buffers by a running id; each hand-out is a new tensor on its storage, so every holder counts."""
 _NEXT = [0]
 
 
@@ -35,8 +35,8 @@ def _storage_holders(buf: Tensor) -> int:
 
 def scratch(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
     """An uninitialised ``shape`` tensor with ``like``'s dtype, on its device; on the CPU a kept buffer that no
-    tensor still uses when there is one (each hand-out is a new view of it, so any holder -- a Python reference, a
-    saved tensor, a view -- keeps it busy)."""
+    tensor still uses when there is one (each hand-out is a new tensor on its storage, so any holder -- a Python
+    reference, a saved tensor, a view -- keeps it busy)."""
     if like.device.type != "cpu" or torch.is_inference_mode_enabled():  # (an inference tensor cannot be kept)
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     shape = tuple(shape)
@@ -46,13 +46,20 @@ def scratch(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
     for key, buf in _POOL.items():
         if buf.numel() == numel and buf.dtype == like.dtype and _storage_holders(buf) == 1:
             _POOL.move_to_end(key)
-            return buf.view(shape)
+            return _on_storage(buf, shape)
     buf = torch.empty(numel, dtype=like.dtype)
     _NEXT[0] += 1
     _POOL[_NEXT[0]] = buf
     while len(_POOL) > MAX_BUFFERS:
         _POOL.popitem(last=False)
-    return buf.view(shape)
+    return _on_storage(buf, shape)
+
+
+def _on_storage(buf: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A new contiguous tensor on ``buf``'s storage -- not a view, so autograd treats it (as a Function output, a
+    gradient) like any fresh tensor."""
+    out = torch.empty(0, dtype=buf.dtype)
+    return out.set_(buf.untyped_storage(), 0, shape)
 
 
 def release() -> None:

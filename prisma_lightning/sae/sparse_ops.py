@@ -143,6 +143,16 @@ Selector = Callable[[Tensor], tuple[Tensor, SparsePattern]]
 """Maps dense pre-activations ``[n, d_sae]`` to (selected post-ReLU values ``[nnz]``, their pattern)."""
 
 
+def transpose_into(out: Tensor, src: Tensor, rows: int = 64) -> Tensor:
+    """``out[:] = src.T`` for a 2-D ``src``; on the CPU in blocks of ``rows`` rows of ``src`` (each block's columns
+    land in cache-sized pieces of ``out``: several times faster than one strided copy of a large matrix)."""
+    if src.device.type != "cpu":
+        return out.copy_(src.t())
+    for start in range(0, src.shape[0], rows):
+        out[:, start : start + rows].copy_(src[start : start + rows].t())
+    return out
+
+
 class _SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_in, select: Selector, out: list):
@@ -168,7 +178,7 @@ class _SparseEncode(torch.autograd.Function):
             if b_in is not None:
                 grad_w_t.addr_(grad_b, b_in, alpha=-1)
             # back to W_enc's layout with one blocked transpose (optimizers and autograd want matching strides)
-            grad_w = grad_w_t.t() if W_enc.stride(0) == 1 else scratch(W_enc.shape, W_enc).copy_(grad_w_t.t())
+            grad_w = grad_w_t.t() if W_enc.stride(0) == 1 else transpose_into(scratch(W_enc.shape, W_enc), grad_w_t)
         if b_in is not None and ctx.needs_input_grad[3]:
             grad_b_in = -(W_enc @ grad_b)
         if ctx.needs_input_grad[0]:

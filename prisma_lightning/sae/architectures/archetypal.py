@@ -255,7 +255,7 @@ class ArchetypalSAE(TopKSAE):
                 f"the sample has {points.shape[0]} rows; raise init_tokens (SAEModule) or lower n_candidates."
             )
         gen = torch.Generator().manual_seed(self.cfg.seed)
-        pick = torch.randperm(points.shape[0], generator=gen)[:n_c].to(points.device)
+        pick = distinct_rows_first(points, n_c, gen)
         chosen = points.index_select(0, pick).to(self.candidates.dtype)
         if self.cfg.candidates_init == "kmeans":
             chosen = kmeans(points.to(self.candidates.dtype), chosen, self.cfg.kmeans_iterations)
@@ -403,20 +403,43 @@ class ArchetypalSAE(TopKSAE):
 
 
 @torch.no_grad()
+def distinct_rows_first(points: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """Indices of ``n`` rows of ``points [m, d]`` in random order, one per distinct row before any repeat.
+
+    Activations repeat exactly (a ViT's background patches at one position are the same vector in every image), so
+    a plain random pick would make many candidates -- and atoms, and features -- copies of each other; only when
+    the sample has fewer than ``n`` distinct rows are repeats taken."""
+    m = points.shape[0]
+    _, inverse = torch.unique(points, dim=0, return_inverse=True)
+    order = torch.randperm(m, generator=generator).to(points.device)
+    position = torch.arange(m, device=points.device)
+    first = torch.full((int(inverse.max()) + 1,), m, dtype=torch.int64, device=points.device)
+    first.scatter_reduce_(0, inverse[order], position, reduce="amin")  # earliest place of each distinct row
+    is_first = torch.zeros(m, dtype=torch.bool, device=points.device)
+    is_first[first] = True
+    return order[torch.cat([position[is_first], position[~is_first]])[:n]]
+
+
 def kmeans(points: Tensor, centroids: Tensor, iterations: int, chunk: int = 4096) -> Tensor:
-    """Lloyd's k-means of ``points [n, d]`` from initial ``centroids [c, d]``; a cluster left empty keeps its
-    centroid. Rows are assigned in chunks of ``chunk`` so memory stays ``chunk x c``."""
+    """Lloyd's k-means of ``points [n, d]`` from initial ``centroids [c, d]``. A cluster left empty restarts at one of
+    the points farthest from their centroids (so centroids do not stay duplicates). Rows are assigned in chunks of
+    ``chunk`` so memory stays ``chunk x c``."""
     centroids = centroids.clone()
+    sq_points = points.pow(2).sum(-1)
     for _ in range(iterations):
         sq_centroids = centroids.pow(2).sum(-1)
-        assign = torch.cat(
-            [
-                torch.addmm(sq_centroids, points[i : i + chunk], centroids.t(), alpha=-2).argmin(-1)
-                for i in range(0, points.shape[0], chunk)
-            ]
-        )
+        nearest = [
+            torch.addmm(sq_centroids, points[i : i + chunk], centroids.t(), alpha=-2).min(-1)
+            for i in range(0, points.shape[0], chunk)
+        ]
+        assign = torch.cat([a.indices for a in nearest])
+        sq_dist = torch.cat([a.values for a in nearest]) + sq_points
         sums = torch.zeros_like(centroids).index_add_(0, assign, points)
         counts = torch.bincount(assign, minlength=centroids.shape[0])
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled, None].to(points.dtype)
+        empty = torch.nonzero(~filled).squeeze(1)
+        if empty.numel():
+            far = sq_dist.topk(min(empty.numel(), points.shape[0])).indices
+            centroids[empty[: far.numel()]] = points[far]
     return centroids

@@ -5,7 +5,10 @@ Autoencoders" (also Nabeshima 2024, "Matryoshka Sparse Autoencoders"). BatchTopK
 every proper prefix of the dictionary (``matryoshka_prefixes``), the MSE of the reconstruction from that prefix's
 features alone, so early features learn general concepts and later ones refine them.
 
-The sparse decode runs once per (token, feature group) bag; cumulative sums give every prefix's reconstruction.
+The sparse decode runs once per (token, feature group) bag; running sums of the groups give every prefix's
+reconstruction, and :func:`nested_residuals` computes the prefix losses and their gradient in one node (a running
+sum and a dot product per group forward, a reverse running sum backward) instead of materialising every prefix's
+reconstruction and its squared error.
 """
 
 from __future__ import annotations
@@ -19,6 +22,55 @@ from torch import Tensor
 from ..registry import register_architecture
 from ..sparse_ops import SparsePattern, group_pattern, sparse_decode
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
+
+
+class _NestedResiduals(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, parts: Tensor, start: Tensor) -> tuple[Tensor, Tensor]:
+        n, groups, _ = parts.shape
+        residuals = parts.new_empty(groups - 1, *start.shape)  # the proper prefixes' residuals, one [n, d] each
+        prefix = parts.new_zeros(())
+        previous = start
+        for g in range(groups - 1):
+            torch.add(previous, parts[:, g], out=residuals[g])
+            flat = residuals[g].view(-1)
+            prefix += torch.dot(flat, flat)
+            previous = residuals[g]
+        final = previous + parts[:, groups - 1]
+        ctx.save_for_backward(residuals)
+        ctx.n = n
+        return final, prefix / n
+
+    @staticmethod
+    def backward(ctx, grad_final: Tensor | None, grad_prefix: Tensor | None):
+        (residuals,) = ctx.saved_tensors
+        groups = residuals.shape[0] + 1
+        n, d = residuals.shape[1], residuals.shape[2]
+        if grad_final is None:
+            grad_final = residuals.new_zeros(n, d)
+        grad_parts = residuals.new_empty(n, groups, d)
+        grad_parts[:, groups - 1] = grad_final
+        if grad_prefix is None or groups == 1:
+            grad_parts[:, : groups - 1] = grad_final[:, None]
+            return grad_parts, grad_final.clone()
+        scale = 2.0 * float(grad_prefix) / ctx.n
+        running = residuals[groups - 2].clone()  # sum of the residuals of prefixes g >= j
+        for j in range(groups - 2, -1, -1):
+            if j < groups - 2:
+                running.add_(residuals[j])
+            torch.add(grad_final, running, alpha=scale, out=grad_parts[:, j])
+        return grad_parts, grad_parts[:, 0].clone()
+
+
+def nested_residuals(parts: Tensor, start: Tensor) -> tuple[Tensor, Tensor]:
+    """Residuals of nested reconstructions, as one autograd node.
+
+    ``parts [n, G, d]`` are the decodes of ``G`` consecutive feature groups and ``start [n, d]`` what the
+    reconstruction adds to them minus the target (``b_dec + skip - target``). The reconstruction from the first
+    ``g + 1`` groups then misses the target by ``r_g = start + sum_{j <= g} parts[:, j]``. Returns the full
+    dictionary's residual ``r_{G-1} [n, d]`` and the prefix loss ``sum_{g < G-1} mean_n ||r_g||^2``.
+    """
+    return _NestedResiduals.apply(parts, start)
 
 
 @dataclass
@@ -78,6 +130,6 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     ) -> tuple[Tensor, Tensor | None]:
         groups = group_pattern(pattern, self.prefix_ends)
         parts = sparse_decode(values, self.W_dec, groups).view(pattern.n_rows, -1, self.d_out)
-        recons = self._add_skip(parts.cumsum(1) + self.b_dec, x_n, expand=True)
-        prefix = (recons[:, :-1] - target_n[:, None]).pow(2).sum(-1).mean(0).sum()
-        return recons[:, -1], prefix
+        start = self._add_skip(self.b_dec - target_n, x_n)  # what every prefix's reconstruction adds, minus the target
+        residual, prefix = nested_residuals(parts, start)
+        return residual + target_n, prefix
