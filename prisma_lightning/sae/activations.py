@@ -85,7 +85,7 @@ class _ReluSAE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_in, W_dec, b_dec, l1_norm_weighted):
         ctx.set_materialize_grads(False)
-        feats = pre_activations(x, W_enc, b_enc, b_in, out=scratch((x.shape[0], W_enc.shape[1]), x)).relu_()
+        feats = pre_activations(x, W_enc, b_enc, b_in, reuse=True).relu_()
         recon = torch.addmm(b_dec, feats, W_dec)
         norms = W_dec.norm(dim=1) if l1_norm_weighted else None
         l1 = feats @ norms if norms is not None else None
@@ -168,7 +168,7 @@ class _JumpReluSAE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_in, W_dec, b_dec, threshold, bandwidth, tanh_scale):
         ctx.set_materialize_grads(False)
-        pre = pre_activations(x, W_enc, b_enc, b_in, out=scratch((x.shape[0], W_enc.shape[1]), x))
+        pre = pre_activations(x, W_enc, b_enc, b_in, reuse=True)
         gap = torch.sub(pre, threshold, out=scratch(pre.shape, pre))  # [n, d_sae]
         # the pre-activation buffer becomes the features, masked in one pass by the sign of the gap (no bool temp);
         # the threshold is positive, so the active entries are exactly those with feats > 0
@@ -309,7 +309,7 @@ class _GatedSAE(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_gate, r_mag, b_mag, b_in, W_dec, b_dec):
         ctx.set_materialize_grads(False)
         # [n, d_sae], shared by both paths
-        h = pre_activations(x, W_enc, torch.zeros_like(b_gate), b_in, out=scratch((x.shape[0], W_enc.shape[1]), x))
+        h = pre_activations(x, W_enc, torch.zeros_like(b_gate), b_in, reuse=True)
         gate = torch.add(h, b_gate).relu_()  # relu(pi_gate): the L1 and auxiliary paths read it
         scale = r_mag.exp()
         # magnitude path in h's buffer: relu(h * e^r + b_mag), kept where the gate is open

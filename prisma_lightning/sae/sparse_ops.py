@@ -130,12 +130,14 @@ def sparse_decode(values: Tensor, weight: Tensor, pattern: SparsePattern) -> Ten
     return _SparseDecode.apply(values, weight, pattern)
 
 
-def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_in: Tensor | None, out: Tensor | None = None) -> Tensor:
-    """``(x - b_in) @ W_enc + b_enc`` as one ``addmm`` (the centring folds into the bias: ``b_enc - b_in @ W_enc``),
-    into ``out`` when given (outside autograd)."""
+def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_in: Tensor | None, reuse: bool = False) -> Tensor:
+    """``(x - b_in) @ W_enc + b_enc`` as one ``addmm`` (the centring folds into the bias: ``b_enc - b_in @ W_enc``).
+
+    ``reuse``: write into a kept buffer (:func:`~prisma_lightning.sae.scratch.scratch`; inside autograd Functions
+    and ``no_grad`` code only, where ``out=`` is allowed)."""
     bias = b_enc if b_in is None else torch.addmv(b_enc, W_enc.t(), b_in, alpha=-1)
-    if out is not None:
-        return torch.addmm(bias, x, W_enc, out=out)
+    if reuse:
+        return torch.addmm(bias, x, W_enc, out=scratch((x.shape[0], W_enc.shape[1]), x))
     return torch.addmm(bias, x, W_enc)
 
 
@@ -157,7 +159,7 @@ class _SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_in, select: Selector, out: list):
         with torch.no_grad():  # the pre-activations only feed the selection: a reused buffer (see scratch)
-            pre = pre_activations(x, W_enc, b_enc, b_in, out=scratch((x.shape[0], W_enc.shape[1]), x))
+            pre = pre_activations(x, W_enc, b_enc, b_in, reuse=True)
             values, pattern = select(pre)
             del pre
         out.append(pattern)
