@@ -363,8 +363,8 @@ def test_fused_relu_gradients_match_autograd(feature_major: bool) -> None:
     def loss_of(feats, recon, l1):
         return (recon - 1).pow(2).sum() + 0.3 * l1.sum() + (feats * torch.linspace(0, 1, 11)).sum()
 
-    feats, recon, l1, l0 = relu_sae(x, W_enc, b_enc, b_in, W_dec, b_dec, True)
-    assert torch.equal(l0, (feats > 0).sum(-1).float())
+    feats, recon, l1, l0, fired = relu_sae(x, W_enc, b_enc, b_in, W_dec, b_dec, True)
+    assert torch.equal(l0, (feats > 0).sum(-1).float()) and torch.equal(fired, (feats > 0).any(0))
     grads = torch.autograd.grad(loss_of(feats, recon, l1), tensors)
     f = torch.relu((x - b_in) @ W_enc + b_enc)
     grads_ref = torch.autograd.grad(loss_of(f, f @ W_dec + b_dec, f @ W_dec.norm(dim=1)), tensors)

@@ -16,8 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import native
 from .scratch import scratch
 from .sparse_ops import pre_activations, transpose_into
+
+_BYTE = torch.empty(0, dtype=torch.uint8)
+"""Dtype template for byte masks taken from :func:`~prisma_lightning.sae.scratch.scratch`."""
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -81,27 +85,85 @@ def _mm_like(a: Tensor, b: Tensor, like: Tensor) -> Tensor:
     return torch.mm(a, b, out=scratch(like.shape, like)) if like.is_contiguous() else a @ b
 
 
+def _feature_grad(grad_feats: Tensor | None, grad_recon: Tensor | None, W_dec: Tensor, feats: Tensor) -> Tensor:
+    """The gradient reaching the features, ``grad_recon @ W_dec.T (+ grad_feats)``, as a contiguous buffer the
+    caller may overwrite (zeros when neither is given)."""
+    if grad_recon is not None:
+        grad = torch.mm(grad_recon, W_dec.t(), out=scratch(feats.shape, feats))
+        return grad if grad_feats is None else grad.add_(grad_feats)
+    if grad_feats is None:
+        return torch.zeros_like(feats, memory_format=torch.contiguous_format)
+    return grad_feats.clone(memory_format=torch.contiguous_format)
+
+
+def _encoder_grads(
+    need: tuple[bool, ...],
+    x: Tensor,
+    centred: bool,
+    W_enc: Tensor,
+    b_in: Tensor | None,
+    grad_pre: Tensor,
+    grad_pre_sum: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(grad_x, grad_W_enc, grad_b_in)`` of ``pre = (x - b_in) @ W_enc + ...`` from ``grad_pre [n, d_sae]`` and its
+    column sums (needed only with ``b_in``); ``need`` is the node's ``needs_input_grad`` with ``x``, ``W_enc`` and
+    ``b_in`` at 0, 1 and 3. ``x`` is the saved input, already centred (``x - b_in``) when ``centred``."""
+    grad_x = grad_W_enc = grad_b_in = None
+    if need[1]:
+        if W_enc.stride(0) == 1:  # feature-major storage: build the transpose
+            grad_W_enc = _weight_grad_like(W_enc, grad_pre.t() @ x)
+        else:
+            grad_W_enc = _mm_like(x.t(), grad_pre, W_enc)
+        if b_in is not None and not centred:
+            grad_W_enc.addr_(b_in, grad_pre_sum, alpha=-1)
+    if b_in is not None and need[3]:
+        grad_b_in = -(W_enc @ grad_pre_sum)
+    if need[0]:
+        grad_x = grad_pre @ W_enc.t()
+    return grad_x, grad_W_enc, grad_b_in
+
+
+def _centred(x: Tensor, b_in: Tensor | None) -> Tensor:
+    """``x - b_in`` (``x`` without ``b_in``): the native paths multiply the centred input, so the encoder's weight
+    gradient needs no rank-one correction."""
+    return x if b_in is None else x - b_in
+
+
 class _ReluSAE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_in, W_dec, b_dec, l1_norm_weighted):
         ctx.set_materialize_grads(False)
-        feats = pre_activations(x, W_enc, b_enc, b_in, reuse=True).relu_()
-        recon = torch.addmm(b_dec, feats, W_dec)
         norms = W_dec.norm(dim=1) if l1_norm_weighted else None
-        l1 = feats @ norms if norms is not None else None
-        # L0 per token as sign(f).sum(-1): a float pass plus a fast row sum (per-row counting kernels are several
-        # times slower on CPU). The [n, d_sae] buffer is then reused for the backward's feature gradient.
-        work = torch.sign(feats, out=scratch(feats.shape, feats))
-        l0 = work.sum(-1)
-        ctx.work = work
-        ctx.mark_non_differentiable(l0)
+        ctx.native = native.usable(x, W_enc, b_enc, W_dec)
+        if ctx.native:  # bias, ReLU, L0, L1 and firing in one C pass (see native)
+            x = _centred(x, b_in)  # (saved centred: see _encoder_grads)
+            feats = pre_activations(x, W_enc, None, None, reuse=True)
+            n, d = feats.shape
+            l0, fired = feats.new_empty(n), feats.new_empty(d)
+            l1 = feats.new_empty(n) if norms is not None else None
+            ptrs = [native.ptr(t) for t in (feats, b_enc.detach().contiguous(), norms, l0, l1, fired)]
+            native.call("prisma_relu_forward", n, d, *ptrs)
+            fired, ctx.work = fired > 0, None
+        else:
+            feats = pre_activations(x, W_enc, b_enc, b_in, reuse=True).relu_()
+            l1 = feats @ norms if norms is not None else None
+            # L0 per token as sign(f).sum(-1): a float pass plus a fast row sum (per-row counting kernels are
+            # several times slower on CPU). The [n, d_sae] buffer is then reused for the backward's feature gradient.
+            work = torch.sign(feats, out=scratch(feats.shape, feats))
+            l0 = work.sum(-1)
+            fired = work.sum(0) > 0
+            ctx.work = work
+        recon = torch.addmm(b_dec, feats, W_dec)
+        ctx.mark_non_differentiable(l0, fired)
         ctx.save_for_backward(x, W_enc, b_in, W_dec, norms, feats)
-        return feats, recon, l1, l0
+        return feats, recon, l1, l0, fired
 
     @staticmethod
-    def backward(ctx, grad_feats, grad_recon, grad_l1, _grad_l0):
+    def backward(ctx, grad_feats, grad_recon, grad_l1, _grad_l0, _grad_fired):
         x, W_enc, b_in, W_dec, norms, feats = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if ctx.native:
+            return _ReluSAE.backward_native(ctx, grad_feats, grad_recon, grad_l1)
         grad_pre, work = None, ctx.work
         ctx.work = None
         if grad_recon is not None:
@@ -125,19 +187,31 @@ class _ReluSAE(torch.autograd.Function):
         # ReLU mask applied in place, in one pass, in a buffer this node owns
         torch.ops.aten.threshold_backward.grad_input(grad_pre, feats, 0.0, grad_input=grad_pre)
         grad_b_enc = grad_pre.sum(0)
-        grad_W_enc = grad_b_in = grad_x = None
-        if need[1]:
-            if W_enc.stride(0) == 1:  # feature-major storage: build the transpose
-                grad_W_enc = _weight_grad_like(W_enc, grad_pre.t() @ x)
-            else:
-                grad_W_enc = _mm_like(x.t(), grad_pre, W_enc)
-            if b_in is not None:
-                grad_W_enc.addr_(b_in, grad_b_enc, alpha=-1)
-        if b_in is not None and need[3]:
-            grad_b_in = -(W_enc @ grad_b_enc)
-        if need[0]:
-            grad_x = grad_pre @ W_enc.t()
+        grad_x, grad_W_enc, grad_b_in = _encoder_grads(need, x, False, W_enc, b_in, grad_pre, grad_b_enc)
         return grad_x, grad_W_enc, grad_b_enc if need[2] else None, grad_b_in, grad_W_dec, grad_b_dec, None
+
+    @staticmethod
+    def backward_native(ctx, grad_feats, grad_recon, grad_l1):
+        """The backward's elementwise work (L1 gradient, ReLU mask, bias and norm sums) as one C pass."""
+        x, W_enc, b_in, W_dec, norms, feats = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        n, d = feats.shape
+        grad_l1 = None if grad_l1 is None or norms is None else grad_l1.contiguous()
+        if grad_recon is None and grad_feats is None and grad_l1 is None:
+            return None, None, None, None, None, None, None
+        grad = _feature_grad(grad_feats, grad_recon, W_dec, feats)
+        sums = feats.new_empty(2, d)  # b_enc, feats^T grad_l1
+        ptrs = [native.ptr(t) for t in (grad, feats, norms, grad_l1, sums[0], sums[1])]
+        native.call("prisma_relu_backward", n, d, *ptrs)
+        grad_W_dec = grad_b_dec = None
+        if need[4] and (grad_recon is not None or grad_l1 is not None):
+            grad_W_dec = _mm_like(feats.t(), grad_recon, W_dec) if grad_recon is not None else torch.zeros_like(W_dec)
+            if grad_l1 is not None:  # d(f @ ||W_dec||)/dW_dec = (f^T grad_l1 / ||W_dec||) * W_dec, row-wise
+                grad_W_dec.addcmul_(W_dec, (sums[1] / norms.clamp_min(1e-12))[:, None])
+        if grad_recon is not None and need[5]:
+            grad_b_dec = grad_recon.sum(0)
+        grad_x, grad_W_enc, grad_b_in = _encoder_grads(need, x, True, W_enc, b_in, grad, sums[0])
+        return grad_x, grad_W_enc, sums[0] if need[2] else None, grad_b_in, grad_W_dec, grad_b_dec, None
 
 
 def relu_sae(
@@ -148,12 +222,13 @@ def relu_sae(
     W_dec: Tensor,
     b_dec: Tensor,
     l1_norm_weighted: bool = True,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
     """A ReLU SAE as one autograd node.
 
     Returns ``feats = relu((x - b_in) @ W_enc + b_enc) [n, d_sae]``, ``recon = feats @ W_dec + b_dec [n, d_out]``,
     with ``l1_norm_weighted`` Anthropic's per-token penalty ``feats @ ||W_dec||_rows [n]`` (else None; its gradient
-    reaches ``W_dec`` through the row norms too), and the number of active features per token ``l0 [n]``.
+    reaches ``W_dec`` through the row norms too), the number of active features per token ``l0 [n]`` and which
+    features fired in the batch ``[d_sae]`` (bool, no gradient).
     """
     return _ReluSAE.apply(x, W_enc, b_enc, b_in, W_dec, b_dec, l1_norm_weighted)
 
@@ -168,6 +243,9 @@ class _JumpReluSAE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_in, W_dec, b_dec, threshold, bandwidth, tanh_scale):
         ctx.set_materialize_grads(False)
+        ctx.bandwidth, ctx.tanh_scale, ctx.native = bandwidth, tanh_scale, native.usable(x, W_enc, threshold, W_dec)
+        if ctx.native:
+            return _JumpReluSAE.forward_native(ctx, x, W_enc, b_enc, b_in, W_dec, b_dec, threshold)
         pre = pre_activations(x, W_enc, b_enc, b_in, reuse=True)
         gap = torch.sub(pre, threshold, out=scratch(pre.shape, pre))  # [n, d_sae]
         # the pre-activation buffer becomes the features, masked in one pass by the sign of the gap (no bool temp);
@@ -197,13 +275,84 @@ class _JumpReluSAE(torch.autograd.Function):
             tanh = torch.mul(feats, norms * tanh_scale, out=scratch(feats.shape, feats)).tanh_()  # 1 - tanh^2 later
             tanh_sum = tanh.sum(-1)
             ctx.tanh_work = tanh
-        ctx.bandwidth, ctx.tanh_scale, ctx.near = bandwidth, tanh_scale, near
+        ctx.near = near
         ctx.save_for_backward(x, W_enc, b_in, W_dec, threshold, feats, rows, cols, norms)
         ctx.mark_non_differentiable(fired)
         return feats, recon, l0, fired, tanh_sum
 
     @staticmethod
+    def forward_native(ctx, x, W_enc, b_enc, b_in, W_dec, b_dec, threshold):
+        """The forward's elementwise work as one C pass (see :mod:`~prisma_lightning.sae.native`), the encoder bias
+        included: the matmul's output becomes the features in place; the kernel's entries are kept as a byte mask."""
+        x = _centred(x, b_in)  # (saved centred: see _encoder_grads)
+        pre = pre_activations(x, W_enc, None, None, reuse=True)
+        bias = b_enc.detach().contiguous()
+        n, d = pre.shape
+        near = scratch((n, d), _BYTE)
+        l0, fired = pre.new_empty(n), pre.new_empty(d)
+        norms = tanh_sum = coef = None
+        if ctx.tanh_scale is not None:
+            norms = W_dec.norm(dim=1)
+            coef, tanh_sum = norms * ctx.tanh_scale, pre.new_empty(n)
+        theta = threshold.detach().contiguous()
+        args = (n, d, native.ptr(pre), native.ptr(bias), native.ptr(theta), 0.5 * ctx.bandwidth, native.ptr(coef),
+                native.ptr(near))  # fmt: skip
+        native.call("prisma_jumprelu_forward", *args, native.ptr(l0), native.ptr(tanh_sum), native.ptr(fired))
+        feats, fired = pre, fired > 0
+        recon = torch.addmm(b_dec, feats, W_dec)
+        ctx.near = near
+        ctx.save_for_backward(x, W_enc, b_in, W_dec, threshold, feats, coef, norms)
+        ctx.mark_non_differentiable(fired)  # (l0 is differentiable: the step estimator's gradient of the threshold)
+        return feats, recon, l0, fired, tanh_sum
+
+    @staticmethod
+    def backward_native(ctx, grad_feats, grad_recon, grad_l0, grad_tanh):
+        """The backward's elementwise work as one C pass; returns the pre-activations' gradient (masked), its
+        column sums, the threshold's and the decoder norms' gradients (or None)."""
+        x, W_enc, b_in, W_dec, threshold, feats, coef, norms = ctx.saved_tensors
+        near, ctx.near = ctx.near, None
+        n, d = feats.shape
+        grad = _feature_grad(grad_feats, grad_recon, W_dec, feats)
+        grad_tanh = None if coef is None or grad_tanh is None else grad_tanh.contiguous()
+        grad_l0 = None if grad_l0 is None else grad_l0.contiguous()
+        sums = feats.new_empty(4, d)  # b_enc, threshold (JumpReLU STE), threshold (step STE), decoder norms
+        ptrs = [native.ptr(t) for t in (grad, feats, near, coef, grad_tanh, grad_l0)]
+        native.call("prisma_jumprelu_backward", n, d, *ptrs, *(native.ptr(row) for row in sums))
+        bw = ctx.bandwidth
+        grad_threshold = sums[1].mul_(-threshold / bw)
+        if grad_l0 is not None:
+            grad_threshold.sub_(sums[2], alpha=1.0 / bw)
+        grad_norms = sums[3].mul_(ctx.tanh_scale) if grad_tanh is not None else None
+        return grad, sums[0], grad_threshold, grad_norms
+
+    @staticmethod
     def backward(ctx, grad_feats, grad_recon, grad_l0, _grad_fired, grad_tanh):
+        if ctx.native:
+            x, W_enc, b_in, W_dec, threshold, feats, _, norms = ctx.saved_tensors
+            grad_pre, grad_b_enc, grad_threshold, grad_norms = _JumpReluSAE.backward_native(
+                ctx, grad_feats, grad_recon, grad_l0, grad_tanh
+            )
+            grad_threshold = grad_threshold if ctx.needs_input_grad[6] else None
+        else:
+            x, W_enc, b_in, W_dec, threshold, feats, _, _, norms = ctx.saved_tensors
+            grad_pre, grad_b_enc, grad_threshold, grad_norms = _JumpReluSAE.backward_torch(
+                ctx, grad_feats, grad_recon, grad_l0, grad_tanh
+            )
+        need = ctx.needs_input_grad
+        grad_W_dec = _mm_like(feats.t(), grad_recon, W_dec) if grad_recon is not None and need[4] else None
+        if grad_norms is not None and need[4]:  # d ||W_dec[i]|| / d W_dec[i] = W_dec[i] / ||W_dec[i]||
+            row_scale = (grad_norms / norms.clamp_min(1e-12))[:, None]
+            grad_W_dec = W_dec * row_scale if grad_W_dec is None else grad_W_dec.addcmul_(W_dec, row_scale)
+        grad_b_dec = grad_recon.sum(0) if grad_recon is not None and need[5] else None
+        if grad_pre is None:
+            return None, None, None, None, grad_W_dec, grad_b_dec, grad_threshold, None, None
+        grad_x, grad_W_enc, grad_b_in = _encoder_grads(need, x, ctx.native, W_enc, b_in, grad_pre, grad_b_enc)
+        b_enc_grad = grad_b_enc if need[2] else None
+        return grad_x, grad_W_enc, b_enc_grad, grad_b_in, grad_W_dec, grad_b_dec, grad_threshold, None, None
+
+    @staticmethod
+    def backward_torch(ctx, grad_feats, grad_recon, grad_l0, grad_tanh):
+        """The backward's elementwise work in PyTorch passes; returns what :meth:`backward_native` does."""
         x, W_enc, b_in, W_dec, threshold, feats, rows, cols, norms = ctx.saved_tensors
         need, bw, scale = ctx.needs_input_grad, ctx.bandwidth, ctx.tanh_scale
         work, tanh, near = ctx.work, ctx.tanh_work, ctx.near
@@ -245,30 +394,11 @@ class _JumpReluSAE(torch.autograd.Function):
                 else:
                     grad_threshold.sub_(l0_part, alpha=1.0 / bw)
         del near
-        grad_W_dec = _mm_like(feats.t(), grad_recon, W_dec) if grad_recon is not None and need[4] else None
-        if grad_norms is not None:  # d ||W_dec[i]|| / d W_dec[i] = W_dec[i] / ||W_dec[i]||
-            row_scale = (grad_norms / norms.clamp_min(1e-12))[:, None]
-            grad_W_dec = W_dec * row_scale if grad_W_dec is None else grad_W_dec.addcmul_(W_dec, row_scale)
-        grad_b_dec = grad_recon.sum(0) if grad_recon is not None and need[5] else None
         if grad is None:
-            return None, None, None, None, grad_W_dec, grad_b_dec, grad_threshold, None, None
+            return None, None, grad_threshold, grad_norms
         # the JumpReLU mask (active = feats > 0), in place, in one pass
         grad_pre = torch.ops.aten.threshold_backward.grad_input(grad, feats, 0.0, grad_input=grad)
-        grad_b_enc = grad_pre.sum(0)
-        grad_W_enc = grad_b_in = grad_x = None
-        if need[1]:
-            if W_enc.stride(0) == 1:
-                grad_W_enc = _weight_grad_like(W_enc, grad_pre.t() @ x)
-            else:
-                grad_W_enc = _mm_like(x.t(), grad_pre, W_enc)
-            if b_in is not None:
-                grad_W_enc.addr_(b_in, grad_b_enc, alpha=-1)
-        if b_in is not None and need[3]:
-            grad_b_in = -(W_enc @ grad_b_enc)
-        if need[0]:
-            grad_x = grad_pre @ W_enc.t()
-        b_enc_grad = grad_b_enc if need[2] else None
-        return grad_x, grad_W_enc, b_enc_grad, grad_b_in, grad_W_dec, grad_b_dec, grad_threshold, None, None
+        return grad_pre, grad_pre.sum(0), grad_threshold, grad_norms
 
 
 def jumprelu_sae(
@@ -308,15 +438,31 @@ class _GatedSAE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_gate, r_mag, b_mag, b_in, W_dec, b_dec):
         ctx.set_materialize_grads(False)
-        # [n, d_sae], shared by both paths
-        h = pre_activations(x, W_enc, torch.zeros_like(b_gate), b_in, reuse=True)
-        gate = torch.add(h, b_gate).relu_()  # relu(pi_gate): the L1 and auxiliary paths read it
         scale = r_mag.exp()
+        norms = W_dec.norm(dim=1)
+        ctx.native = native.usable(x, W_enc, b_gate, scale, b_mag, W_dec)
+        if ctx.native:  # the elementwise work below as one C pass (see native): gate, features, L1, L0, firing
+            n, d = x.shape[0], W_enc.shape[1]
+            # features (rows :n) and gate (rows n:) in one buffer, so both reconstructions are one matmul
+            both = scratch((2 * n, d), x)
+            x = _centred(x, b_in)  # (saved centred: see _encoder_grads)
+            h = torch.mm(x, W_enc, out=both[:n])
+            gate, l1, l0, fired = both[n:], h.new_empty(n), h.new_empty(n), h.new_empty(d)
+            biases = (b_gate.detach().contiguous(), scale, b_mag.detach().contiguous(), norms)
+            ptrs = [native.ptr(t) for t in (h, gate, *biases, l1, l0, fired)]
+            native.call("prisma_gated_forward", n, d, *ptrs)
+            feats, fired = h, fired > 0
+            recon, via_gate = torch.addmm(b_dec, both, W_dec).split(n)
+            ctx.work = None
+            ctx.mark_non_differentiable(l0, fired)
+            ctx.save_for_backward(x, W_enc, b_in, W_dec, scale, b_mag, norms, feats, gate)
+            return feats, recon, via_gate, l1, l0, fired
+        h = pre_activations(x, W_enc, None, b_in, reuse=True)  # [n, d_sae], shared by both paths
+        gate = torch.add(h, b_gate).relu_()  # relu(pi_gate): the L1 and auxiliary paths read it
         # magnitude path in h's buffer: relu(h * e^r + b_mag), kept where the gate is open
         feats = torch.addcmul(b_mag, h, scale, out=h).relu_()
         # keep it where pi_gate > 0, i.e. where relu(pi_gate) > 0: threshold_backward masks in one pass, no bool temp
         torch.ops.aten.threshold_backward.grad_input(feats, gate, 0.0, grad_input=feats)
-        norms = W_dec.norm(dim=1)
         recon = torch.addmm(b_dec, feats, W_dec)
         via_gate = torch.addmm(b_dec, gate, W_dec)
         l1 = gate @ norms
@@ -337,10 +483,57 @@ class _GatedSAE(torch.autograd.Function):
         grad_W_dec = grad_b_dec = None
         if need[6] and (grad_recon is not None or grad_l1 is not None):
             grad_W_dec = _mm_like(feats.t(), grad_recon, W_dec) if grad_recon is not None else torch.zeros_like(W_dec)
-            if grad_l1 is not None:  # d(g @ ||W_dec||)/dW_dec = (g^T grad_l1 / ||W_dec||) * W_dec, row-wise
+            if grad_l1 is not None and not ctx.native:  # (the native pass sums gate^T grad_l1 itself)
+                # d(g @ ||W_dec||)/dW_dec = (g^T grad_l1 / ||W_dec||) * W_dec, row-wise
                 grad_W_dec.addcmul_(W_dec, ((gate.t() @ grad_l1) / norms.clamp_min(1e-12))[:, None])
         if grad_recon is not None and need[7]:
             grad_b_dec = grad_recon.sum(0)  # the auxiliary reconstruction reads b_dec and W_dec frozen
+        if ctx.native:
+            grad_h, grad_b_gate, grad_r, grad_b_mag = _GatedSAE.backward_native(ctx, grad_feats, grad_recon, grad_via,
+                                                                                grad_l1, grad_W_dec)  # fmt: skip
+        else:
+            grad_h, grad_b_gate, grad_r, grad_b_mag = _GatedSAE.backward_torch(ctx, work, grad_feats, grad_recon,
+                                                                               grad_via, grad_l1)  # fmt: skip
+        del work
+        grad_W_enc = grad_b_in = grad_x = None
+        if grad_h is not None:
+            grad_h_sum = None
+            if b_in is not None:  # (the native pass has both parts' column sums: h's is scale * b_mag's + b_gate's)
+                grad_h_sum = torch.addcmul(grad_b_gate, scale, grad_b_mag) if ctx.native else grad_h.sum(0)
+            encoder_need = (need[0], need[1], False, need[5])  # (b_in is input 5 here)
+            grad_x, grad_W_enc, grad_b_in = _encoder_grads(encoder_need, x, ctx.native, W_enc, b_in, grad_h,
+                                                           grad_h_sum)  # fmt: skip
+        return (grad_x, grad_W_enc, grad_b_gate if need[2] else None, grad_r if need[3] else None,
+                grad_b_mag if need[4] else None, grad_b_in, grad_W_dec, grad_b_dec)  # fmt: skip
+
+    @staticmethod
+    def backward_native(ctx, grad_feats, grad_recon, grad_via, grad_l1, grad_W_dec):
+        """The backward's elementwise work as one C pass; returns the gradient of ``h`` and those of ``b_gate``,
+        ``r_mag`` and ``b_mag``; adds the L1 term's part to ``grad_W_dec`` (when given)."""
+        x, W_enc, b_in, W_dec, scale, b_mag, norms, feats, gate = ctx.saved_tensors
+        n, d = feats.shape
+        if grad_recon is not None and grad_via is not None:  # both feature gradients from one matmul
+            stacked = torch.cat([grad_recon, grad_via], out=scratch((2 * n, grad_recon.shape[1]), feats))
+            grads = torch.mm(stacked, W_dec.t(), out=scratch((2 * n, d), feats))
+            grad, grad_gate = grads[:n], grads[n:]
+            if grad_feats is not None:
+                grad.add_(grad_feats)
+        else:
+            grad = _feature_grad(grad_feats, grad_recon, W_dec, feats)
+            grad_gate = None if grad_via is None else torch.mm(grad_via, W_dec.t(), out=scratch((n, d), feats))
+        grad_l1 = None if grad_l1 is None else grad_l1.contiguous()
+        sums = feats.new_empty(4, d)  # b_mag, sum of (masked gradient * features), b_gate, gate^T grad_l1
+        ptrs = [native.ptr(t) for t in (grad, grad_gate, feats, gate, scale, norms, grad_l1)]
+        native.call("prisma_gated_backward", n, d, *ptrs, *(native.ptr(row) for row in sums))
+        if grad_l1 is not None and grad_W_dec is not None:  # d(g @ ||W_dec||)/dW_dec, row-wise (see backward_torch)
+            grad_W_dec.addcmul_(W_dec, (sums[3] / norms.clamp_min(1e-12))[:, None])
+        grad_r = sums[1].addcmul_(b_mag, sums[0], value=-1)
+        return grad, sums[2], grad_r, sums[0]
+
+    @staticmethod
+    def backward_torch(ctx, work, grad_feats, grad_recon, grad_via, grad_l1):
+        """The backward's elementwise work in PyTorch passes; returns what :meth:`backward_native` does."""
+        x, W_enc, b_in, W_dec, scale, b_mag, norms, feats, gate = ctx.saved_tensors
         # magnitude path: gradient of the features, masked to the active ones, in the sign buffer
         grad_mag = None
         if grad_recon is not None:
@@ -367,23 +560,7 @@ class _GatedSAE(torch.autograd.Function):
             torch.ops.aten.threshold_backward.grad_input(grad_gate, gate, 0.0, grad_input=grad_gate)
             grad_b_gate = grad_gate.sum(0)
         grad_h = grad_gate if grad_mag is None else grad_mag if grad_gate is None else grad_mag.add_(grad_gate)
-        del grad_gate
-        grad_W_enc = grad_b_in = grad_x = None
-        if grad_h is not None:
-            grad_h_sum = grad_h.sum(0)
-            if need[1]:
-                if W_enc.stride(0) == 1:
-                    grad_W_enc = _weight_grad_like(W_enc, grad_h.t() @ x)
-                else:
-                    grad_W_enc = _mm_like(x.t(), grad_h, W_enc)
-                if b_in is not None:
-                    grad_W_enc.addr_(b_in, grad_h_sum, alpha=-1)
-            if b_in is not None and need[5]:
-                grad_b_in = -(W_enc @ grad_h_sum)
-            if need[0]:
-                grad_x = grad_h @ W_enc.t()
-        return (grad_x, grad_W_enc, grad_b_gate if need[2] else None, grad_r if need[3] else None,
-                grad_b_mag if need[4] else None, grad_b_in, grad_W_dec, grad_b_dec)  # fmt: skip
+        return grad_h, grad_b_gate, grad_r, grad_b_mag
 
 
 def gated_sae(

@@ -15,8 +15,34 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .sparse_ops import SparsePattern, pre_activations, sparse_decode
+
+
+class _SquaredErrorRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pred, target):
+        diff = pred - target
+        ctx.save_for_backward(diff)
+        return torch.linalg.vecdot(diff, diff)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (diff,) = ctx.saved_tensors
+        grad_pred = diff * (2 * grad.unsqueeze(-1))
+        need_pred, need_target = ctx.needs_input_grad
+        if need_target:
+            return (grad_pred if need_pred else None), -grad_pred
+        return grad_pred, None
+
+
+def squared_error_rows(pred: Tensor, target: Tensor) -> Tensor:
+    """``((pred - target) ** 2).sum(-1)`` as one autograd node: a ``pred``-sized difference in the forward and the
+    gradient in the backward, where the composition allocates a difference, its square and two more tensors in the
+    backward (first-order gradients only)."""
+    return _SquaredErrorRows.apply(pred, target)
 
 
 def _dead_encoder(W_enc: Tensor, b_enc: Tensor, dead: Tensor) -> tuple[Tensor, Tensor]:
@@ -42,7 +68,7 @@ def auxk_loss(
     values, local = pre.topk(min(aux_k, dead.numel()), dim=-1, sorted=False)
     pattern = SparsePattern.from_fixed_k(dead[local], W_dec.shape[0])
     e_hat = sparse_decode(values.relu().reshape(-1), W_dec, pattern)
-    return (e_hat - residual).pow(2).sum(-1).mean()
+    return squared_error_rows(e_hat, residual).mean()
 
 
 def ghost_grads_loss(
@@ -64,6 +90,6 @@ def ghost_grads_loss(
     ghost_out = torch.exp(pre.clamp(max=40.0)) @ W_dec.index_select(0, dead)
     scale = residual.norm(dim=-1) / (2 * ghost_out.norm(dim=-1) + 1e-6)
     ghost_out = ghost_out * scale.detach()[:, None]
-    ghost_mse = (ghost_out - residual).pow(2).sum(-1)
+    ghost_mse = squared_error_rows(ghost_out, residual)
     rescale = mse_per_token.detach() / (ghost_mse.detach() + 1e-6)
     return (rescale * ghost_mse).mean()

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from . import registry
 from .config import SAEConfig, TranscoderConfig
 from .init import geometric_median, unit_rows
+from .losses import squared_error_rows
 
 LAYER_NORM_EPS = 1e-5
 """Added to the standard deviation when ``layer_norm`` divides (not when it un-normalises), as SAELens and
@@ -479,7 +480,7 @@ class SparseAutoencoder(nn.Module, metaclass=abc.ABCMeta):
         else:
             target_n = self._normalize_target(self._rows(target, self.d_out, "target"), stats)
         p = self.pass_rows(x_n, target_n, step, return_feats)
-        mse_tok = (p.recon - target_n).pow(2).sum(-1)
+        mse_tok = squared_error_rows(p.recon, target_n)
         mse = mse_tok.mean()
         zero = mse.new_zeros(())
         aux = p.aux if p.aux is not None else zero

@@ -130,15 +130,27 @@ def sparse_decode(values: Tensor, weight: Tensor, pattern: SparsePattern) -> Ten
     return _SparseDecode.apply(values, weight, pattern)
 
 
-def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_in: Tensor | None, reuse: bool = False) -> Tensor:
-    """``(x - b_in) @ W_enc + b_enc`` as one ``addmm`` (the centring folds into the bias: ``b_enc - b_in @ W_enc``).
+def encoder_bias(W_enc: Tensor, b_enc: Tensor | None, b_in: Tensor | None) -> Tensor | None:
+    """The bias of ``(x - b_in) @ W_enc + b_enc`` written as ``x @ W_enc + bias``: ``b_enc - b_in @ W_enc`` (None
+    when both are None)."""
+    if b_in is None:
+        return b_enc
+    if b_enc is None:
+        return -(b_in @ W_enc)
+    return torch.addmv(b_enc, W_enc.t(), b_in, alpha=-1)
+
+
+def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, b_in: Tensor | None, reuse: bool = False) -> Tensor:
+    """``(x - b_in) @ W_enc + b_enc`` as one ``addmm`` (the centring folds into the bias, see :func:`encoder_bias`;
+    ``b_enc`` None: no bias, a plain ``mm``).
 
     ``reuse``: write into a kept buffer (:func:`~prisma_lightning.sae.scratch.scratch`; inside autograd Functions
     and ``no_grad`` code only, where ``out=`` is allowed)."""
-    bias = b_enc if b_in is None else torch.addmv(b_enc, W_enc.t(), b_in, alpha=-1)
-    if reuse:
-        return torch.addmm(bias, x, W_enc, out=scratch((x.shape[0], W_enc.shape[1]), x))
-    return torch.addmm(bias, x, W_enc)
+    bias = encoder_bias(W_enc, b_enc, b_in)
+    out = scratch((x.shape[0], W_enc.shape[1]), x) if reuse else None
+    if bias is None:
+        return torch.mm(x, W_enc, out=out)
+    return torch.addmm(bias, x, W_enc, out=out)
 
 
 Selector = Callable[[Tensor], tuple[Tensor, SparsePattern]]

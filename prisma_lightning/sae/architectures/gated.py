@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..activations import gated_sae
 from ..config import check_number
+from ..losses import squared_error_rows
 from ..registry import register_architecture
 from ..sparse_autoencoder import Pass, SparseAutoencoder
 from .relu import FittedDecoder, FittedDecoderConfig
@@ -82,7 +83,7 @@ class GatedSAE(FittedDecoder, SparseAutoencoder):
         recon = self._add_skip(recon, x_n)
         via_gate = self._add_skip(via_gate, x_n, detach=True)
         sparsity = self.sparsity_coefficient(step) * l1.mean()
-        aux = (via_gate - target_n).pow(2).sum(-1).mean()
+        aux = squared_error_rows(via_gate, target_n).mean()
         if not self.training:
             fired = fired.new_zeros(0)
         return Pass(recon, feats, None, sparsity, aux, None, l0, fired)

@@ -188,7 +188,7 @@ class PAnnealSAE(FittedDecoder, SparseAutoencoder):
         coef = super().sparsity_coefficient(step)
         fused_l1 = p == 1.0 and coef > 0  # the L1 term comes out of the fused node itself
         args = (x_n, self.W_enc, self.b_enc, self._input_bias(), self.W_dec, self.b_dec, fused_l1)
-        feats, recon, l1, l0 = relu_sae(*args)
+        feats, recon, l1, l0, fired = relu_sae(*args)
         collecting = scheduled and self._collecting(step)  # type: ignore[arg-type]
         norms = self.W_dec.norm(dim=1) if not fused_l1 or collecting else None
         if fused_l1:
@@ -205,7 +205,7 @@ class PAnnealSAE(FittedDecoder, SparseAutoencoder):
                 nxt = self.lp_penalty(a, self.p_after(int(self.p_updates_done) + 1)).mean()
                 self.lp_sums.add_(torch.stack([now, nxt, now.new_ones(())]).to(self.lp_sums.dtype))
         recon = self._add_skip(recon, x_n)
-        fired = (feats.detach().amax(0) > 0) if self.training else feats.new_zeros(0, dtype=torch.bool)
+        fired = fired if self.training else fired.new_zeros(0)
         return Pass(recon, feats, None, sparsity, None, None, l0, fired)
 
     # ------------------------------------------------------------------ distributed training

@@ -88,10 +88,10 @@ class ReLUSAE(FittedDecoder, SparseAutoencoder):
     def pass_rows(self, x_n: Tensor, target_n: Tensor, step: int | None, return_feats: bool) -> Pass:
         coef = self.sparsity_coefficient(step)
         args = (x_n, self.W_enc, self.b_enc, self._input_bias(), self.W_dec, self.b_dec, coef > 0)
-        feats, recon, l1, l0 = relu_sae(*args)
+        feats, recon, l1, l0, fired = relu_sae(*args)
         sparsity = coef * l1.mean() if l1 is not None else recon.new_zeros(())
         recon = self._add_skip(recon, x_n)
-        fired = (feats.detach().amax(0) > 0) if self.training else feats.new_zeros(0, dtype=bool)
+        fired = fired if self.training else fired.new_zeros(0)
         return Pass(recon, feats, None, sparsity, None, None, l0, fired)
 
     def dead_feature_loss(self, x_n: Tensor, target_n: Tensor, recon: Tensor, mse_tok: Tensor) -> Tensor:
