@@ -127,7 +127,10 @@ def library() -> ctypes.CDLL | None:
                 why = f"compiled: {path}"
             except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
                 lib = None
-                why = f"compiling the kernels failed, using the PyTorch passes: {err}"
+                why = (
+                    f"compiling the kernels failed, using the PyTorch passes (set {ENV_SWITCH}=0 to skip them, or "
+                    f"PRISMA_CACHE_DIR to a writable folder if {cache_dir()} is not): {err}"
+                )
                 log.warning("prisma_lightning SAE kernels: %s", why)
         _STATE["lib"], _STATE["why"] = lib, why
         return lib

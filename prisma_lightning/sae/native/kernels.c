@@ -116,14 +116,18 @@ static int parallel_rows(rows_fn fn, const void *args, int64_t n, int64_t d, int
     return 0;
 }
 
-static int finish(int rc, const double *acc, int64_t d, float *const *outs, int n_out) {
-    if (rc) return rc;
-    for (int k = 0; k < n_out; k++) {
+/* Runs fn over the rows and writes its n_out column sums (n_out * d accumulators) into outs[k] (NULL: not wanted). */
+static int run_rows(rows_fn fn, const void *args, int64_t n, int64_t d, int n_out, int threads, float *const *outs) {
+    double *acc = (double *)malloc((size_t)n_out * (size_t)d * sizeof(double));
+    if (!acc) return -1;
+    int rc = parallel_rows(fn, args, n, d, n_out, threads, acc);
+    for (int k = 0; !rc && k < n_out; k++) {
         if (!outs[k]) continue;
         const double *src = acc + (size_t)k * d;
         for (int64_t j = 0; j < d; j++) outs[k][j] = (float)src[j];
     }
-    return 0;
+    free(acc);
+    return rc;
 }
 
 /* ------------------------------------------------------------------ ReLU
@@ -169,13 +173,8 @@ static void relu_fwd_rows(const void *p, int64_t r0, int64_t r1, double *acc) {
 int prisma_relu_forward(int64_t n, int64_t d, float *x, const float *bias, const float *norms, float *l0, float *l1,
                         float *fired, int threads) {
     relu_fwd_t a = {d, x, bias, norms, l0, norms ? l1 : NULL};
-    double *acc = (double *)malloc((size_t)d * sizeof(double));
-    if (!acc) return -1;
-    int rc = parallel_rows(relu_fwd_rows, &a, n, d, 1, threads, acc);
     float *outs[1] = {fired};
-    rc = finish(rc, acc, d, outs, 1);
-    free(acc);
-    return rc;
+    return run_rows(relu_fwd_rows, &a, n, d, 1, threads, outs);
 }
 
 /* Backward, in place on grad [n, d] (the gradient reaching the features): adds grad_l1[i] * norms[j] (when grad_l1
@@ -219,13 +218,8 @@ static void relu_bwd_rows(const void *p, int64_t r0, int64_t r1, double *acc) {
 int prisma_relu_backward(int64_t n, int64_t d, float *grad, const float *feats, const float *norms,
                          const float *grad_l1, float *b_enc, float *feats_l1, int threads) {
     relu_bwd_t a = {d, grad, feats, norms, norms ? grad_l1 : NULL};
-    double *acc = (double *)malloc((size_t)2 * d * sizeof(double));
-    if (!acc) return -1;
-    int rc = parallel_rows(relu_bwd_rows, &a, n, d, 2, threads, acc);
     float *outs[2] = {b_enc, feats_l1};
-    rc = finish(rc, acc, d, outs, 2);
-    free(acc);
-    return rc;
+    return run_rows(relu_bwd_rows, &a, n, d, 2, threads, outs);
 }
 
 /* ------------------------------------------------------------------ JumpReLU
@@ -280,13 +274,8 @@ static void jr_fwd_rows(const void *p, int64_t r0, int64_t r1, double *acc) {
 int prisma_jumprelu_forward(int64_t n, int64_t d, float *pre, const float *bias, const float *theta, float half_bw,
                             const float *coef, uint8_t *near, float *l0, float *tanh_sum, float *fired, int threads) {
     jr_fwd_t a = {d, pre, bias, theta, coef, half_bw, near, l0, coef ? tanh_sum : NULL};
-    double *acc = (double *)malloc((size_t)d * sizeof(double));
-    if (!acc) return -1;
-    int rc = parallel_rows(jr_fwd_rows, &a, n, d, 1, threads, acc);
     float *outs[1] = {fired};
-    rc = finish(rc, acc, d, outs, 1);
-    free(acc);
-    return rc;
+    return run_rows(jr_fwd_rows, &a, n, d, 1, threads, outs);
 }
 
 /* Backward, in place on grad [n, d] (the gradient reaching the features from the decoder): adds the tanh penalty's
@@ -344,13 +333,8 @@ int prisma_jumprelu_backward(int64_t n, int64_t d, float *grad, const float *fea
                              const float *coef, const float *grad_tanh, const float *grad_l0, float *b_enc,
                              float *thr, float *thr_l0, float *tnorm, int threads) {
     jr_bwd_t a = {d, grad, feats, grad_tanh ? coef : NULL, grad_tanh, grad_l0, near};
-    double *acc = (double *)malloc((size_t)4 * d * sizeof(double));
-    if (!acc) return -1;
-    int rc = parallel_rows(jr_bwd_rows, &a, n, d, 4, threads, acc);
     float *outs[4] = {b_enc, thr, thr_l0, tnorm};
-    rc = finish(rc, acc, d, outs, 4);
-    free(acc);
-    return rc;
+    return run_rows(jr_bwd_rows, &a, n, d, 4, threads, outs);
 }
 
 /* ------------------------------------------------------------------ Gated
@@ -394,13 +378,8 @@ static void gated_fwd_rows(const void *p, int64_t r0, int64_t r1, double *acc) {
 int prisma_gated_forward(int64_t n, int64_t d, float *h, float *gate, const float *b_gate, const float *scale,
                          const float *b_mag, const float *norms, float *l1, float *l0, float *fired, int threads) {
     gated_fwd_t a = {d, h, gate, b_gate, scale, b_mag, norms, l1, l0};
-    double *acc = (double *)malloc((size_t)d * sizeof(double));
-    if (!acc) return -1;
-    int rc = parallel_rows(gated_fwd_rows, &a, n, d, 1, threads, acc);
     float *outs[1] = {fired};
-    rc = finish(rc, acc, d, outs, 1);
-    free(acc);
-    return rc;
+    return run_rows(gated_fwd_rows, &a, n, d, 1, threads, outs);
 }
 
 /* Backward, in place on gm [n, d] (the main reconstruction's gradient of the features): with gg [n, d] (the
@@ -452,11 +431,6 @@ int prisma_gated_backward(int64_t n, int64_t d, float *gm, const float *gg, cons
                           const float *scale, const float *norms, const float *grad_l1, float *b_mag, float *r_raw,
                           float *b_gate, float *gate_l1, int threads) {
     gated_bwd_t a = {d, gm, gg, feats, gate, scale, norms, grad_l1};
-    double *acc = (double *)malloc((size_t)4 * d * sizeof(double));
-    if (!acc) return -1;
-    int rc = parallel_rows(gated_bwd_rows, &a, n, d, 4, threads, acc);
     float *outs[4] = {b_mag, r_raw, b_gate, gate_l1};
-    rc = finish(rc, acc, d, outs, 4);
-    free(acc);
-    return rc;
+    return run_rows(gated_bwd_rows, &a, n, d, 4, threads, outs);
 }
