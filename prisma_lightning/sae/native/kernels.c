@@ -116,6 +116,16 @@ static int parallel_rows(rows_fn fn, const void *args, int64_t n, int64_t d, int
     return 0;
 }
 
+/* A rows_fn calling `block` with its flag argument a constant: each variant is compiled (and vectorised) alone. */
+#define ROWS_FN(name, type, block, cond)                                     \
+    static void name(const void *p, int64_t r0, int64_t r1, double *acc) {   \
+        const type *a = (const type *)p;                                     \
+        if (cond)                                                            \
+            block(a, r0, r1, acc, 1);                                        \
+        else                                                                 \
+            block(a, r0, r1, acc, 0);                                        \
+    }
+
 /* Runs fn over the rows and writes its n_out column sums (n_out * d accumulators) into outs[k] (NULL: not wanted). */
 static int run_rows(rows_fn fn, const void *args, int64_t n, int64_t d, int n_out, int threads, float *const *outs) {
     double *acc = (double *)malloc((size_t)n_out * (size_t)d * sizeof(double));
@@ -162,13 +172,7 @@ static inline __attribute__((always_inline)) void relu_fwd_block(const relu_fwd_
     }
 }
 
-static void relu_fwd_rows(const void *p, int64_t r0, int64_t r1, double *acc) {
-    const relu_fwd_t *a = (const relu_fwd_t *)p;
-    if (a->norms)
-        relu_fwd_block(a, r0, r1, acc, 1);
-    else
-        relu_fwd_block(a, r0, r1, acc, 0);
-}
+ROWS_FN(relu_fwd_rows, relu_fwd_t, relu_fwd_block, a->norms)
 
 int prisma_relu_forward(int64_t n, int64_t d, float *x, const float *bias, const float *norms, float *l0, float *l1,
                         float *fired, int threads) {
@@ -207,13 +211,7 @@ static inline __attribute__((always_inline)) void relu_bwd_block(const relu_bwd_
     }
 }
 
-static void relu_bwd_rows(const void *p, int64_t r0, int64_t r1, double *acc) {
-    const relu_bwd_t *a = (const relu_bwd_t *)p;
-    if (a->grad_l1)
-        relu_bwd_block(a, r0, r1, acc, 1);
-    else
-        relu_bwd_block(a, r0, r1, acc, 0);
-}
+ROWS_FN(relu_bwd_rows, relu_bwd_t, relu_bwd_block, a->grad_l1)
 
 int prisma_relu_backward(int64_t n, int64_t d, float *grad, const float *feats, const float *norms,
                          const float *grad_l1, float *b_enc, float *feats_l1, int threads) {
@@ -263,13 +261,7 @@ static inline __attribute__((always_inline)) void jr_fwd_block(const jr_fwd_t *a
     }
 }
 
-static void jr_fwd_rows(const void *p, int64_t r0, int64_t r1, double *acc) {
-    const jr_fwd_t *a = (const jr_fwd_t *)p;
-    if (a->coef)
-        jr_fwd_block(a, r0, r1, acc, 1);
-    else
-        jr_fwd_block(a, r0, r1, acc, 0);
-}
+ROWS_FN(jr_fwd_rows, jr_fwd_t, jr_fwd_block, a->coef)
 
 int prisma_jumprelu_forward(int64_t n, int64_t d, float *pre, const float *bias, const float *theta, float half_bw,
                             const float *coef, uint8_t *near, float *l0, float *tanh_sum, float *fired, int threads) {
@@ -321,13 +313,7 @@ static inline __attribute__((always_inline)) void jr_bwd_block(const jr_bwd_t *a
     }
 }
 
-static void jr_bwd_rows(const void *p, int64_t r0, int64_t r1, double *acc) {
-    const jr_bwd_t *a = (const jr_bwd_t *)p;
-    if (a->coef)
-        jr_bwd_block(a, r0, r1, acc, 1);
-    else
-        jr_bwd_block(a, r0, r1, acc, 0);
-}
+ROWS_FN(jr_bwd_rows, jr_bwd_t, jr_bwd_block, a->coef)
 
 int prisma_jumprelu_backward(int64_t n, int64_t d, float *grad, const float *feats, const uint8_t *near,
                              const float *coef, const float *grad_tanh, const float *grad_l0, float *b_enc,
@@ -419,13 +405,7 @@ static inline __attribute__((always_inline)) void gated_bwd_block(const gated_bw
     }
 }
 
-static void gated_bwd_rows(const void *p, int64_t r0, int64_t r1, double *acc) {
-    const gated_bwd_t *a = (const gated_bwd_t *)p;
-    if (a->gg)
-        gated_bwd_block(a, r0, r1, acc, 1);
-    else
-        gated_bwd_block(a, r0, r1, acc, 0);
-}
+ROWS_FN(gated_bwd_rows, gated_bwd_t, gated_bwd_block, a->gg)
 
 int prisma_gated_backward(int64_t n, int64_t d, float *gm, const float *gg, const float *feats, const float *gate,
                           const float *scale, const float *norms, const float *grad_l1, float *b_mag, float *r_raw,
