@@ -96,6 +96,27 @@ def _feature_grad(grad_feats: Tensor | None, grad_recon: Tensor | None, W_dec: T
     return grad_feats.clone(memory_format=torch.contiguous_format)
 
 
+def _decoder_grads(
+    need: tuple[bool, bool],
+    feats: Tensor,
+    grad_recon: Tensor | None,
+    W_dec: Tensor,
+    norms: Tensor | None,
+    grad_norms: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(grad_W_dec, grad_b_dec)`` of ``recon = feats @ W_dec + b_dec`` plus a penalty that reads the row norms
+    ``||W_dec[i]||`` with gradient ``grad_norms [d_sae]`` (``d ||W_dec[i]|| / d W_dec[i] = W_dec[i] / ||W_dec[i]||``);
+    ``need`` says which of the two are wanted."""
+    grad_W_dec = grad_b_dec = None
+    if need[0] and (grad_recon is not None or grad_norms is not None):
+        grad_W_dec = _mm_like(feats.t(), grad_recon, W_dec) if grad_recon is not None else torch.zeros_like(W_dec)
+        if grad_norms is not None:
+            grad_W_dec.addcmul_(W_dec, (grad_norms / norms.clamp_min(1e-12))[:, None])
+    if need[1] and grad_recon is not None:
+        grad_b_dec = grad_recon.sum(0)
+    return grad_W_dec, grad_b_dec
+
+
 def _encoder_grads(
     need: tuple[bool, ...],
     x: Tensor,
@@ -162,8 +183,19 @@ class _ReluSAE(torch.autograd.Function):
     def backward(ctx, grad_feats, grad_recon, grad_l1, _grad_l0, _grad_fired):
         x, W_enc, b_in, W_dec, norms, feats = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if ctx.native:
-            return _ReluSAE.backward_native(ctx, grad_feats, grad_recon, grad_l1)
+        passes = _ReluSAE.backward_native if ctx.native else _ReluSAE.backward_torch
+        grad_pre, grad_b_enc, grad_norms = passes(ctx, grad_feats, grad_recon, grad_l1)
+        grad_W_dec, grad_b_dec = _decoder_grads(need[4:6], feats, grad_recon, W_dec, norms, grad_norms)
+        if grad_pre is None:
+            return None, None, None, None, grad_W_dec, grad_b_dec, None
+        grad_x, grad_W_enc, grad_b_in = _encoder_grads(need, x, ctx.native, W_enc, b_in, grad_pre, grad_b_enc)
+        return grad_x, grad_W_enc, grad_b_enc if need[2] else None, grad_b_in, grad_W_dec, grad_b_dec, None
+
+    @staticmethod
+    def backward_torch(ctx, grad_feats, grad_recon, grad_l1):
+        """The backward's elementwise work in PyTorch passes: the pre-activations' gradient (masked, or None), its
+        column sums and the L1 term's gradient of the decoder norms, ``feats^T grad_l1`` (or None)."""
+        _, _, _, W_dec, norms, feats = ctx.saved_tensors
         grad_pre, work = None, ctx.work
         ctx.work = None
         if grad_recon is not None:
@@ -175,43 +207,26 @@ class _ReluSAE(torch.autograd.Function):
                 grad_pre.addr_(grad_l1, norms)
         if grad_feats is not None:
             grad_pre = grad_feats.clone() if grad_pre is None else grad_pre.add_(grad_feats)
-        grad_W_dec = grad_b_dec = None
-        if need[4] and (grad_recon is not None or grad_l1 is not None):
-            grad_W_dec = _mm_like(feats.t(), grad_recon, W_dec) if grad_recon is not None else torch.zeros_like(W_dec)
-            if grad_l1 is not None:  # d(f @ ||W_dec||)/dW_dec = (f^T grad_l1 / ||W_dec||) * W_dec, row-wise
-                grad_W_dec.addcmul_(W_dec, ((feats.t() @ grad_l1) / norms.clamp_min(1e-12))[:, None])
-        if grad_recon is not None and need[5]:
-            grad_b_dec = grad_recon.sum(0)
+        grad_norms = feats.t() @ grad_l1 if grad_l1 is not None and ctx.needs_input_grad[4] else None
         if grad_pre is None:
-            return None, None, None, None, grad_W_dec, grad_b_dec, None
+            return None, None, grad_norms
         # ReLU mask applied in place, in one pass, in a buffer this node owns
         torch.ops.aten.threshold_backward.grad_input(grad_pre, feats, 0.0, grad_input=grad_pre)
-        grad_b_enc = grad_pre.sum(0)
-        grad_x, grad_W_enc, grad_b_in = _encoder_grads(need, x, False, W_enc, b_in, grad_pre, grad_b_enc)
-        return grad_x, grad_W_enc, grad_b_enc if need[2] else None, grad_b_in, grad_W_dec, grad_b_dec, None
+        return grad_pre, grad_pre.sum(0), grad_norms
 
     @staticmethod
     def backward_native(ctx, grad_feats, grad_recon, grad_l1):
-        """The backward's elementwise work (L1 gradient, ReLU mask, bias and norm sums) as one C pass."""
-        x, W_enc, b_in, W_dec, norms, feats = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        n, d = feats.shape
-        grad_l1 = None if grad_l1 is None or norms is None else grad_l1.contiguous()
+        """The same as :meth:`backward_torch` in one C pass (L1 gradient, ReLU mask, bias and norm sums)."""
+        _, _, _, W_dec, norms, feats = ctx.saved_tensors
         if grad_recon is None and grad_feats is None and grad_l1 is None:
-            return None, None, None, None, None, None, None
+            return None, None, None
+        n, d = feats.shape
+        grad_l1 = None if grad_l1 is None else grad_l1.contiguous()
         grad = _feature_grad(grad_feats, grad_recon, W_dec, feats)
         sums = feats.new_empty(2, d)  # b_enc, feats^T grad_l1
         ptrs = [native.ptr(t) for t in (grad, feats, norms, grad_l1, sums[0], sums[1])]
         native.call("prisma_relu_backward", n, d, *ptrs)
-        grad_W_dec = grad_b_dec = None
-        if need[4] and (grad_recon is not None or grad_l1 is not None):
-            grad_W_dec = _mm_like(feats.t(), grad_recon, W_dec) if grad_recon is not None else torch.zeros_like(W_dec)
-            if grad_l1 is not None:  # d(f @ ||W_dec||)/dW_dec = (f^T grad_l1 / ||W_dec||) * W_dec, row-wise
-                grad_W_dec.addcmul_(W_dec, (sums[1] / norms.clamp_min(1e-12))[:, None])
-        if grad_recon is not None and need[5]:
-            grad_b_dec = grad_recon.sum(0)
-        grad_x, grad_W_enc, grad_b_in = _encoder_grads(need, x, True, W_enc, b_in, grad, sums[0])
-        return grad_x, grad_W_enc, sums[0] if need[2] else None, grad_b_in, grad_W_dec, grad_b_dec, None
+        return grad, sums[0], sums[1] if grad_l1 is not None else None
 
 
 def relu_sae(
@@ -327,23 +342,13 @@ class _JumpReluSAE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_feats, grad_recon, grad_l0, _grad_fired, grad_tanh):
-        if ctx.native:
-            x, W_enc, b_in, W_dec, threshold, feats, _, norms = ctx.saved_tensors
-            grad_pre, grad_b_enc, grad_threshold, grad_norms = _JumpReluSAE.backward_native(
-                ctx, grad_feats, grad_recon, grad_l0, grad_tanh
-            )
-            grad_threshold = grad_threshold if ctx.needs_input_grad[6] else None
-        else:
-            x, W_enc, b_in, W_dec, threshold, feats, _, _, norms = ctx.saved_tensors
-            grad_pre, grad_b_enc, grad_threshold, grad_norms = _JumpReluSAE.backward_torch(
-                ctx, grad_feats, grad_recon, grad_l0, grad_tanh
-            )
+        saved = ctx.saved_tensors  # (x, W_enc, b_in, W_dec, threshold, feats, <per path>, norms)
+        x, W_enc, b_in, W_dec, _, feats, norms = *saved[:6], saved[-1]
         need = ctx.needs_input_grad
-        grad_W_dec = _mm_like(feats.t(), grad_recon, W_dec) if grad_recon is not None and need[4] else None
-        if grad_norms is not None and need[4]:  # d ||W_dec[i]|| / d W_dec[i] = W_dec[i] / ||W_dec[i]||
-            row_scale = (grad_norms / norms.clamp_min(1e-12))[:, None]
-            grad_W_dec = W_dec * row_scale if grad_W_dec is None else grad_W_dec.addcmul_(W_dec, row_scale)
-        grad_b_dec = grad_recon.sum(0) if grad_recon is not None and need[5] else None
+        passes = _JumpReluSAE.backward_native if ctx.native else _JumpReluSAE.backward_torch
+        grad_pre, grad_b_enc, grad_threshold, grad_norms = passes(ctx, grad_feats, grad_recon, grad_l0, grad_tanh)
+        grad_threshold = grad_threshold if need[6] else None
+        grad_W_dec, grad_b_dec = _decoder_grads(need[4:6], feats, grad_recon, W_dec, norms, grad_norms)
         if grad_pre is None:
             return None, None, None, None, grad_W_dec, grad_b_dec, grad_threshold, None, None
         grad_x, grad_W_enc, grad_b_in = _encoder_grads(need, x, ctx.native, W_enc, b_in, grad_pre, grad_b_enc)
@@ -479,22 +484,10 @@ class _GatedSAE(torch.autograd.Function):
     def backward(ctx, grad_feats, grad_recon, grad_via, grad_l1, _grad_l0, _grad_fired):
         x, W_enc, b_in, W_dec, scale, b_mag, norms, feats, gate = ctx.saved_tensors
         need = ctx.needs_input_grad
-        work, ctx.work = ctx.work, None
-        grad_W_dec = grad_b_dec = None
-        if need[6] and (grad_recon is not None or grad_l1 is not None):
-            grad_W_dec = _mm_like(feats.t(), grad_recon, W_dec) if grad_recon is not None else torch.zeros_like(W_dec)
-            if grad_l1 is not None and not ctx.native:  # (the native pass sums gate^T grad_l1 itself)
-                # d(g @ ||W_dec||)/dW_dec = (g^T grad_l1 / ||W_dec||) * W_dec, row-wise
-                grad_W_dec.addcmul_(W_dec, ((gate.t() @ grad_l1) / norms.clamp_min(1e-12))[:, None])
-        if grad_recon is not None and need[7]:
-            grad_b_dec = grad_recon.sum(0)  # the auxiliary reconstruction reads b_dec and W_dec frozen
-        if ctx.native:
-            grad_h, grad_b_gate, grad_r, grad_b_mag = _GatedSAE.backward_native(ctx, grad_feats, grad_recon, grad_via,
-                                                                                grad_l1, grad_W_dec)  # fmt: skip
-        else:
-            grad_h, grad_b_gate, grad_r, grad_b_mag = _GatedSAE.backward_torch(ctx, work, grad_feats, grad_recon,
-                                                                               grad_via, grad_l1)  # fmt: skip
-        del work
+        passes = _GatedSAE.backward_native if ctx.native else _GatedSAE.backward_torch
+        grad_h, grad_b_gate, grad_r, grad_b_mag, grad_norms = passes(ctx, grad_feats, grad_recon, grad_via, grad_l1)
+        # (the auxiliary reconstruction reads b_dec and W_dec frozen: only the L1 term's norms add to the decoder's)
+        grad_W_dec, grad_b_dec = _decoder_grads(need[6:8], feats, grad_recon, W_dec, norms, grad_norms)
         grad_W_enc = grad_b_in = grad_x = None
         if grad_h is not None:
             grad_h_sum = None
@@ -507,9 +500,8 @@ class _GatedSAE(torch.autograd.Function):
                 grad_b_mag if need[4] else None, grad_b_in, grad_W_dec, grad_b_dec)  # fmt: skip
 
     @staticmethod
-    def backward_native(ctx, grad_feats, grad_recon, grad_via, grad_l1, grad_W_dec):
-        """The backward's elementwise work as one C pass; returns the gradient of ``h`` and those of ``b_gate``,
-        ``r_mag`` and ``b_mag``; adds the L1 term's part to ``grad_W_dec`` (when given)."""
+    def backward_native(ctx, grad_feats, grad_recon, grad_via, grad_l1):
+        """The same as :meth:`backward_torch` in one C pass."""
         x, W_enc, b_in, W_dec, scale, b_mag, norms, feats, gate = ctx.saved_tensors
         n, d = feats.shape
         if grad_recon is not None and grad_via is not None:  # both feature gradients from one matmul
@@ -525,15 +517,16 @@ class _GatedSAE(torch.autograd.Function):
         sums = feats.new_empty(4, d)  # b_mag, sum of (masked gradient * features), b_gate, gate^T grad_l1
         ptrs = [native.ptr(t) for t in (grad, grad_gate, feats, gate, scale, norms, grad_l1)]
         native.call("prisma_gated_backward", n, d, *ptrs, *(native.ptr(row) for row in sums))
-        if grad_l1 is not None and grad_W_dec is not None:  # d(g @ ||W_dec||)/dW_dec, row-wise (see backward_torch)
-            grad_W_dec.addcmul_(W_dec, (sums[3] / norms.clamp_min(1e-12))[:, None])
         grad_r = sums[1].addcmul_(b_mag, sums[0], value=-1)
-        return grad, sums[2], grad_r, sums[0]
+        return grad, sums[2], grad_r, sums[0], sums[3] if grad_l1 is not None else None
 
     @staticmethod
-    def backward_torch(ctx, work, grad_feats, grad_recon, grad_via, grad_l1):
-        """The backward's elementwise work in PyTorch passes; returns what :meth:`backward_native` does."""
+    def backward_torch(ctx, grad_feats, grad_recon, grad_via, grad_l1):
+        """The backward's elementwise work in PyTorch passes: the gradient of ``h`` (or None), those of ``b_gate``,
+        ``r_mag`` and ``b_mag``, and the L1 term's gradient of the decoder norms, ``gate^T grad_l1`` (or None)."""
         x, W_enc, b_in, W_dec, scale, b_mag, norms, feats, gate = ctx.saved_tensors
+        work, ctx.work = ctx.work, None
+        grad_norms = gate.t() @ grad_l1 if grad_l1 is not None and ctx.needs_input_grad[6] else None
         # magnitude path: gradient of the features, masked to the active ones, in the sign buffer
         grad_mag = None
         if grad_recon is not None:
@@ -560,7 +553,7 @@ class _GatedSAE(torch.autograd.Function):
             torch.ops.aten.threshold_backward.grad_input(grad_gate, gate, 0.0, grad_input=grad_gate)
             grad_b_gate = grad_gate.sum(0)
         grad_h = grad_gate if grad_mag is None else grad_mag if grad_gate is None else grad_mag.add_(grad_gate)
-        return grad_h, grad_b_gate, grad_r, grad_b_mag
+        return grad_h, grad_b_gate, grad_r, grad_b_mag, grad_norms
 
 
 def gated_sae(
